@@ -1,0 +1,140 @@
+"""The merge plan: every output tensor, where its bytes come from and what is added.
+
+Built from headers and the adapter config alone, before any output byte is
+written, so that every mismatch between adapter and base is reported up front.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from convert.lora import BiasDelta, Delta, check_config, low_rank_delta, scaling_for
+from formats.adapter import Adapter
+from formats.checkpoint import Checkpoint
+from formats.errors import ConvertError
+from formats.safetensors_file import FLOAT_DTYPES, TensorInfo
+from formats.writer import PlannedTensor
+
+OUTPUT_DTYPES = {"auto": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+LM_HEAD = "lm_head.weight"
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    dtype: str
+    source: TensorInfo
+    delta: Delta | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.source.shape
+
+    @property
+    def planned(self) -> PlannedTensor:
+        return PlannedTensor(self.name, self.dtype, self.shape)
+
+    @property
+    def byte_copy(self) -> bool:
+        """Untouched and same dtype: copied file-to-file without decoding."""
+        return self.delta is None and self.dtype == self.source.dtype and self.source.mapped is None
+
+
+@dataclass
+class Plan:
+    tensors: list[OutputTensor]
+    dtype: str  # the output's main float dtype, recorded in config.json
+    config_updates: dict
+
+
+def resolve(name: str, base: dict[str, TensorInfo]) -> str | None:
+    """The base tensor a PEFT module path names, allowing for a base saved without (or with
+    an extra) ``base_model_prefix``, which transformers itself accepts when loading."""
+    if name in base:
+        return name
+    head, _, tail = name.partition(".")
+    if tail in base:
+        return tail
+    for prefix in dict.fromkeys(k.partition(".")[0] for k in base):
+        if f"{prefix}.{name}" in base:
+            return f"{prefix}.{name}"
+    return None
+
+
+def tied_embedding(ckpt: Checkpoint) -> str | None:
+    """The input embedding that a missing ``lm_head.weight`` is tied to (transformers drops tied copies)."""
+    if resolve(LM_HEAD, ckpt.tensors) is not None:
+        return None
+    vocab, hidden = ckpt.config.get("vocab_size"), ckpt.config.get("hidden_size", ckpt.config.get("n_embd"))
+    candidates = [n for n, t in ckpt.tensors.items() if t.shape == (vocab, hidden) and n.endswith(".weight")]
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def build_plan(ckpt: Checkpoint, adapter: Adapter | None, dtype: str = "auto") -> Plan:
+    if dtype not in OUTPUT_DTYPES:
+        raise ConvertError(f"--dtype {dtype!r}: expected one of {', '.join(OUTPUT_DTYPES)}")
+    sources: dict[str, TensorInfo] = dict(ckpt.tensors)
+    deltas: dict[str, Delta] = {}
+    config_updates: dict = {}
+    tied = tied_embedding(ckpt)
+
+    def base_name(name: str, what: str) -> str:
+        found = resolve(name, ckpt.tensors)
+        if found is None and name.split(".")[-2:] == LM_HEAD.split(".") and tied:
+            found = LM_HEAD  # lm_head of a tied model: a new tensor, starting from the embedding
+            sources.setdefault(LM_HEAD, sources[tied])
+        if found is None:
+            raise ConvertError(f"{adapter.weights_file}: tensor '{what}': '{name}' does not exist in the base model "
+                               f"({ckpt.directory})")
+        return found
+
+    def replace(target: str, info: TensorInfo) -> None:
+        _check_replacement(ckpt, adapter, target, sources[target], info, config_updates)
+        sources[target] = info
+
+    if adapter is not None:
+        check_config(adapter)
+        for name, info in adapter.base_layers.items():
+            replace(base_name(name, name), info)
+        tied_source = sources[tied] if tied else None  # what a tied lm_head reads in the PEFT model
+        for name, info in adapter.replacements.items():
+            replace(base_name(name, name), info)
+        for module, lora in adapter.lora.items():
+            weight = base_name(f"{module}.weight", module)
+            deltas[weight] = low_rank_delta(adapter, module, sources[weight])
+            if "bias" in lora.parts:
+                bias = resolve(f"{module}.bias", ckpt.tensors)
+                if bias is None:
+                    raise ConvertError(f"{adapter.weights_file}: tensor '{module}': lora_bias is set but the base "
+                                       "layer has no bias")
+                deltas[bias] = BiasDelta(lora.parts["bias"], scaling_for(adapter.config, module)[1])
+        if tied and (tied in deltas or LM_HEAD in sources or sources[tied] is not tied_source):
+            # The adapter changes one side of a tied pair: the PEFT model no longer has equal input and
+            # output embeddings, so the merged model must store both and stop tying them.
+            sources.setdefault(LM_HEAD, tied_source)
+            config_updates["tie_word_embeddings"] = False
+
+    float_dtypes = Counter(t.dtype for t in ckpt.tensors.values() if t.dtype in FLOAT_DTYPES)
+    main_dtype = OUTPUT_DTYPES[dtype] or (float_dtypes.most_common(1)[0][0] if float_dtypes else "F32")
+    tensors = []
+    for name, source in sources.items():
+        original = ckpt.tensors.get(name, source)
+        out_dtype = original.dtype
+        if original.dtype in FLOAT_DTYPES and OUTPUT_DTYPES[dtype]:
+            out_dtype = OUTPUT_DTYPES[dtype]
+        tensors.append(OutputTensor(name, out_dtype, source, deltas.get(name)))
+    return Plan(tensors, main_dtype, config_updates)
+
+
+def _check_replacement(ckpt: Checkpoint, adapter: Adapter, target: str, base: TensorInfo, new: TensorInfo,
+                       config_updates: dict) -> None:
+    """A ``modules_to_save`` copy must fit its base tensor, except a resized vocabulary."""
+    if new.shape == base.shape:
+        return
+    vocab = ckpt.config.get("vocab_size")
+    if len(new.shape) == 2 and new.shape[1:] == base.shape[1:] and base.shape[0] == vocab:
+        config_updates["vocab_size"] = new.shape[0]
+        return
+    raise ConvertError(f"{adapter.weights_file}: tensor '{new.name}': shape mismatch: adapter has {list(new.shape)}, "
+                       f"base tensor '{target}' has {list(base.shape)}")

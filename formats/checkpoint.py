@@ -1,0 +1,123 @@
+"""Lazy reader of a Hugging Face model directory: headers now, tensors on demand.
+
+Supported layouts, in the order transformers itself prefers them:
+``model.safetensors.index.json`` + shards, ``model.safetensors``,
+``pytorch_model.bin.index.json`` + shards, ``pytorch_model.bin``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from formats.errors import ConvertError
+from formats.safetensors_file import DTYPE_NAMES, TensorInfo, read_header
+
+
+@dataclass
+class Checkpoint:
+    """A model directory: its config and the location of every tensor, in file order."""
+
+    directory: Path
+    config: dict
+    tensors: dict[str, TensorInfo]
+    files: list[Path]
+
+
+def open_checkpoint(directory: str | Path) -> Checkpoint:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ConvertError(f"{directory}: base model directory does not exist")
+    config = read_json(directory / "config.json") if (directory / "config.json").exists() else {}
+    for index_name, single_name, loader in (
+        ("model.safetensors.index.json", "model.safetensors", _safetensors_tensors),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin", _bin_tensors),
+    ):
+        if (directory / index_name).exists():
+            files = _index_files(directory, index_name)
+        elif (directory / single_name).exists():
+            files = [directory / single_name]
+        else:
+            continue
+        return Checkpoint(directory, config, loader(files, directory, index_name), files)
+    raise ConvertError(f"{directory}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin found")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise ConvertError(f"{path}: cannot read: {e.strerror or e}") from None
+    except ValueError as e:
+        raise ConvertError(f"{path}: invalid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConvertError(f"{path}: expected a JSON object")
+    return data
+
+
+def _index_files(directory: Path, index_name: str) -> list[Path]:
+    """Shard files named by an index, refusing any that would leave the directory."""
+    index_path = directory / index_name
+    weight_map = read_json(index_path).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ConvertError(f"{index_path}: missing or empty 'weight_map'")
+    root = directory.resolve()
+    files: dict[str, Path] = {}
+    for tensor, name in weight_map.items():
+        if name in files:
+            continue
+        path = directory / str(name)
+        if Path(str(name)).is_absolute() or root not in path.resolve().parents:
+            raise ConvertError(f"{index_path}: tensor '{tensor}': shard '{name}' lies outside the model directory")
+        if not path.is_file():
+            raise ConvertError(f"{index_path}: tensor '{tensor}': shard file '{name}' is missing")
+        files[name] = path
+    return [files[n] for n in sorted(files)]
+
+
+def _check_index(directory: Path, index_name: str, tensors: dict[str, TensorInfo]) -> None:
+    weight_map = read_json(directory / index_name)["weight_map"]
+    for name, shard in weight_map.items():
+        info = tensors.get(name)
+        if info is None or info.path.name != Path(shard).name:
+            raise ConvertError(f"{directory / index_name}: tensor '{name}': not found in shard '{shard}'")
+
+
+def _safetensors_tensors(files: list[Path], directory: Path, index_name: str) -> dict[str, TensorInfo]:
+    tensors: dict[str, TensorInfo] = {}
+    for path in files:
+        for name, info in read_header(path)[0].items():
+            if name in tensors:
+                raise ConvertError(f"{path}: tensor '{name}': also stored in {tensors[name].path.name}")
+            tensors[name] = info
+    if (directory / index_name).exists():
+        _check_index(directory, index_name, tensors)
+    return tensors
+
+
+def _bin_tensors(files: list[Path], directory: Path, index_name: str) -> dict[str, TensorInfo]:
+    tensors: dict[str, TensorInfo] = {}
+    for path in files:
+        for name, t in load_bin(path).items():
+            tensors[name] = TensorInfo(name, DTYPE_NAMES[t.dtype], tuple(t.shape), path, 0, t.nbytes, mapped=t)
+    if (directory / index_name).exists():
+        _check_index(directory, index_name, tensors)
+    return tensors
+
+
+def load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """Load a PyTorch pickle without running code in it (weights_only) and without reading it (mmap)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many types here: unpickling, zip, I/O
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConvertError(f"{path}: cannot load safely (weights_only): {first}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConvertError(f"{path}: not a state dict of tensors")
+    for name, t in state.items():
+        if t.dtype not in DTYPE_NAMES:
+            raise ConvertError(f"{path}: tensor '{name}': unsupported dtype {t.dtype}")
+    return {k: v.contiguous() for k, v in state.items()}

@@ -1,0 +1,174 @@
+"""A small, validating safetensors reader that can read row ranges.
+
+``safetensors.safe_open`` maps the file, which is fine for reading but gives no
+way to copy a tensor's bytes without decoding them and makes every read count
+towards resident memory. Here a file is its parsed header plus a path: a tensor
+is read (whole or by rows) with ``pread`` into a fresh buffer, and untouched
+tensors can be copied file-to-file by the writer with ``copy_file_range``.
+
+The header is checked before any tensor is used, because checkpoints come from
+strangers: a lying length, offset or shape is reported, never trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from formats.errors import ConvertError
+
+# safetensors dtype names <-> torch dtypes (the subset torch can hold).
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+# A real header is a few MB at most (a 70B model with 3000 tensors is ~300 KB);
+# anything bigger is a hostile file trying to make us allocate.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def itemsize(dtype: str) -> int:
+    return DTYPES[dtype].itemsize
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes live: enough to read, slice or copy it."""
+
+    name: str
+    dtype: str  # safetensors name, e.g. "BF16"
+    shape: tuple[int, ...]
+    path: Path
+    offset: int  # absolute byte offset of the first element in the file
+    nbytes: int
+    # Set for tensors that do not come from a safetensors file (``.bin`` checkpoints,
+    # loaded with mmap): reads slice this instead of the file, and bytes cannot be
+    # copied file-to-file.
+    mapped: torch.Tensor | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_bytes(self) -> int:
+        return self.nbytes // self.rows if self.rows else 0
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header; return its tensors (in file order) and metadata."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ConvertError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > MAX_HEADER_BYTES:
+                raise ConvertError(f"{path}: safetensors header claims {header_len} bytes (limit {MAX_HEADER_BYTES})")
+            if 8 + header_len > size:
+                raise ConvertError(
+                    f"{path}: truncated or corrupt safetensors file: header of {header_len} bytes runs past "
+                    f"the end of the {size}-byte file"
+                )
+            raw = f.read(header_len)
+    except OSError as e:
+        raise ConvertError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConvertError(f"{path}: corrupt safetensors header: {e}") from None
+    if not isinstance(header, dict):
+        raise ConvertError(f"{path}: corrupt safetensors header: not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_len
+    data_len = size - data_start
+    tensors = [_tensor_info(path, name, entry, data_start, data_len) for name, entry in header.items()]
+    tensors.sort(key=lambda t: t.offset)
+    end = data_start
+    for t in tensors:
+        if t.offset < end:
+            raise ConvertError(f"{path}: tensor '{t.name}': data overlaps the previous tensor")
+        end = t.offset + t.nbytes
+    return {t.name: t for t in tensors}, metadata
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate tensor name '{k}'")
+        out[k] = v
+    return out
+
+
+def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_len: int) -> TensorInfo:
+    where = f"{path}: tensor '{name}'"
+    if not isinstance(entry, dict):
+        raise ConvertError(f"{where}: header entry is not an object")
+    dtype = entry.get("dtype")
+    if dtype not in DTYPES:
+        raise ConvertError(f"{where}: unsupported dtype {dtype!r}")
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ConvertError(f"{where}: invalid shape {shape!r}")
+    offsets = entry.get("data_offsets")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise ConvertError(f"{where}: invalid data_offsets {offsets!r}")
+    begin, end = offsets
+    if end > data_len:
+        raise ConvertError(
+            f"{where}: data ends at byte {end} but the file holds only {data_len} data bytes "
+            "(truncated or corrupt file)"
+        )
+    nbytes = math.prod(shape) * itemsize(dtype)
+    if end - begin != nbytes:
+        raise ConvertError(f"{where}: shape {shape} of {dtype} needs {nbytes} bytes but data_offsets span {end - begin}")
+    return TensorInfo(name, dtype, tuple(shape), path, data_start + begin, nbytes)
+
+
+def read_tensor(info: TensorInfo, row_start: int = 0, row_stop: int | None = None) -> torch.Tensor:
+    """Read rows [row_start, row_stop) of a tensor into a new CPU tensor (no mmap, no copy kept)."""
+    row_stop = info.rows if row_stop is None else row_stop
+    if info.mapped is not None:
+        return info.mapped[row_start:row_stop].clone() if info.shape else info.mapped.clone()
+    nrows = row_stop - row_start
+    shape = (nrows, *info.shape[1:]) if info.shape else ()
+    buf = torch.empty(nrows * info.row_bytes, dtype=torch.uint8)
+    view = memoryview(buf.numpy())
+    pos, offset = 0, info.offset + row_start * info.row_bytes
+    with open(info.path, "rb", buffering=0) as f:
+        fd = f.fileno()
+        while pos < len(view):
+            n = os.preadv(fd, [view[pos:]], offset + pos)
+            if n == 0:
+                raise ConvertError(f"{info.path}: tensor '{info.name}': file ended early (truncated)")
+            pos += n
+    return buf.view(DTYPES[info.dtype]).reshape(shape)
