@@ -7,6 +7,7 @@ import sys
 import click
 
 from convert.merge import merge
+from convert.pipeline import DEFAULT_CHUNK_BYTES
 from formats.errors import ConvertError
 
 
@@ -30,7 +31,7 @@ def main() -> None:
               help="Where deltas are computed; auto uses CUDA when available.")
 @click.option("--max-shard-size", default="5GB", show_default=True, metavar="SIZE",
               help="Largest output shard, parsed as transformers does (5GB = 5e9 bytes, 2GiB = 2**31).")
-@click.option("--chunk-size", default="32MiB", show_default=True, metavar="SIZE",
+@click.option("--chunk-size", default=f"{DEFAULT_CHUNK_BYTES >> 20}MiB", show_default=True, metavar="SIZE",
               help="Memory budget of one row chunk in fp32; larger tensors are processed in row chunks.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty (only once the new one is complete).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")

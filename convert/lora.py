@@ -12,8 +12,6 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import torch
-
 from formats.adapter import Adapter
 from formats.errors import ConvertError
 from formats.safetensors_file import TensorInfo
@@ -107,13 +105,3 @@ def low_rank_delta(adapter: Adapter, module: str, weight: TensorInfo) -> LowRank
             f"delta is {list(expected)}"
         )
     return LowRankDelta(A, B, scaling, transposed)
-
-
-def delta_rows(delta: Delta, parts: dict[str, torch.Tensor], start: int, stop: int) -> torch.Tensor:
-    """Rows [start, stop) of the fp32 delta, computed as PEFT does (product, transpose, then scale)."""
-    if isinstance(delta, BiasDelta):
-        return parts["bias"][start:stop] * delta.scaling
-    A, B = parts["A"], parts["B"]
-    if delta.transposed:
-        return (B @ A[:, start:stop]).T * delta.scaling
-    return (B[start:stop] @ A) * delta.scaling

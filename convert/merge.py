@@ -7,6 +7,7 @@ renamed to the output only once everything is written.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import resource
 import shutil
@@ -39,9 +40,13 @@ class MergeResult:
 
     def summary(self) -> str:
         return (
-            f"merged {self.merged} tensors, copied {self.copied}, wrote {self.bytes_written / 1e9:.2f} GB "
-            f"to {self.out} in {self.seconds:.1f} s, peak RSS {self.peak_rss_bytes / 1e9:.2f} GB"
+            f"merged {self.merged} tensors, copied {self.copied}, wrote {human_bytes(self.bytes_written)} "
+            f"to {self.out} in {self.seconds:.1f} s, peak RSS {human_bytes(self.peak_rss_bytes)}"
         )
+
+
+def human_bytes(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def merge(
@@ -90,9 +95,11 @@ def merge(
         write_config(ckpt.config, tmp, plan.dtype, plan.config_updates)
         files += ["config.json", *copy_side_files([base, *([adapter_dir] if adapter_dir else [])], tmp)]
         if peft is not None:
-            base_name = peft.config.get("base_model_name_or_path") or base.resolve().name
+            base_name = peft.config.get("base_model_name_or_path") or ""
+            if not base_name or Path(base_name).is_absolute() or base_name.startswith("."):
+                base_name = base.resolve().name  # a local path says nothing to readers of the card
             settings = {"dtype": dtype, "adapter r": str(peft.config.get("r")),
-                        "lora_alpha": str(peft.config.get("lora_alpha"))}
+                        "lora_alpha": str(peft.config.get("lora_alpha")), "ckpt-convert": version()}
             write_model_card(tmp, base_name, adapter_dir.resolve().name, settings)
             files.append("README.md")
         publish(tmp, out)
@@ -135,6 +142,13 @@ def publish(tmp: Path, out: Path) -> None:
     tmp.rename(out)
     if old is not None:
         shutil.rmtree(old)
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("ckpt-convert")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def pick_device(device: str) -> torch.device:

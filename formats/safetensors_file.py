@@ -107,11 +107,11 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     data_len = size - data_start
     tensors = [_tensor_info(path, name, entry, data_start, data_len) for name, entry in header.items()]
     tensors.sort(key=lambda t: t.offset)
-    end = data_start
+    end, previous = data_start, None
     for t in tensors:
         if t.offset < end:
-            raise ConvertError(f"{path}: tensor '{t.name}': data overlaps the previous tensor")
-        end = t.offset + t.nbytes
+            raise ConvertError(f"{path}: tensor '{t.name}': data overlaps tensor '{previous}'")
+        end, previous = t.offset + t.nbytes, t.name
     return {t.name: t for t in tensors}, metadata
 
 
@@ -154,14 +154,19 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_len
     return TensorInfo(name, dtype, tuple(shape), path, data_start + begin, nbytes)
 
 
-def read_tensor(info: TensorInfo, row_start: int = 0, row_stop: int | None = None) -> torch.Tensor:
-    """Read rows [row_start, row_stop) of a tensor into a new CPU tensor (no mmap, no copy kept)."""
+def read_tensor(
+    info: TensorInfo, row_start: int = 0, row_stop: int | None = None, buffer: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Read rows [row_start, row_stop) of a tensor into ``buffer`` (a uint8 CPU tensor, reused by callers
+    that read many chunks) or a new tensor; never an mmap, so nothing stays resident afterwards."""
     row_stop = info.rows if row_stop is None else row_stop
     if info.mapped is not None:
-        return info.mapped[row_start:row_stop].clone() if info.shape else info.mapped.clone()
+        rows = info.mapped[row_start:row_stop] if info.shape else info.mapped
+        return rows.clone() if buffer is None else _into(buffer, rows)
     nrows = row_stop - row_start
     shape = (nrows, *info.shape[1:]) if info.shape else ()
-    buf = torch.empty(nrows * info.row_bytes, dtype=torch.uint8)
+    nbytes = nrows * info.row_bytes
+    buf = torch.empty(nbytes, dtype=torch.uint8) if buffer is None else buffer[:nbytes]
     view = memoryview(buf.numpy())
     pos, offset = 0, info.offset + row_start * info.row_bytes
     with open(info.path, "rb", buffering=0) as f:
@@ -172,3 +177,9 @@ def read_tensor(info: TensorInfo, row_start: int = 0, row_stop: int | None = Non
                 raise ConvertError(f"{info.path}: tensor '{info.name}': file ended early (truncated)")
             pos += n
     return buf.view(DTYPES[info.dtype]).reshape(shape)
+
+
+def _into(buffer: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    out = buffer[: tensor.nbytes].view(tensor.dtype).reshape(tensor.shape)
+    out.copy_(tensor)
+    return out

@@ -130,6 +130,8 @@ class ShardWriter:
         self._write_all(self._target(name), memoryview(data.contiguous().view(-1).view(torch.uint8).numpy()))
 
     def _write_all(self, f, view: memoryview) -> None:
+        if not view:
+            self._advance(0)  # completes an empty tensor
         while view:
             n = f.write(view)
             view = view[n:]
@@ -140,6 +142,8 @@ class ShardWriter:
         f = self._target(name)
         with open(source.path, "rb", buffering=0) as src:
             offset, left = source.offset, source.nbytes
+            if not left:
+                self._advance(0)
             while left:
                 try:
                     n = os.copy_file_range(src.fileno(), f.fileno(), left, offset)
