@@ -89,8 +89,10 @@ def low_rank_delta(adapter: Adapter, module: str, weight: TensorInfo) -> LowRank
             f"{where}: lora_A {list(A.shape)} / lora_B {list(B.shape)} do not have rank r={r} from adapter_config.json"
         )
     if len(weight.shape) != 2:
-        raise ConvertError(f"{where}: base tensor '{weight.name}' has shape {list(weight.shape)}; "
-                           "LoRA on convolution layers is not supported")
+        raise ConvertError(
+            f"{where}: base tensor '{weight.name}' has shape {list(weight.shape)}; "
+            "LoRA on convolution layers is not supported"
+        )
     plain, flipped = (B.shape[0], A.shape[1]), (A.shape[1], B.shape[0])
     if lora.embedding:
         transposed = True  # Embedding.get_delta_weight: transpose(B @ A, True)

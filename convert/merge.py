@@ -98,8 +98,12 @@ def merge(
             base_name = peft.config.get("base_model_name_or_path") or ""
             if not base_name or Path(base_name).is_absolute() or base_name.startswith("."):
                 base_name = base.resolve().name  # a local path says nothing to readers of the card
-            settings = {"dtype": dtype, "adapter r": str(peft.config.get("r")),
-                        "lora_alpha": str(peft.config.get("lora_alpha")), "ckpt-convert": version()}
+            settings = {
+                "dtype": dtype,
+                "adapter r": str(peft.config.get("r")),
+                "lora_alpha": str(peft.config.get("lora_alpha")),
+                "ckpt-convert": version(),
+            }
             write_model_card(tmp, base_name, adapter_dir.resolve().name, settings)
             files.append("README.md")
         publish(tmp, out)

@@ -85,8 +85,9 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter | None, dtype: str = "auto") -
             found = LM_HEAD  # lm_head of a tied model: a new tensor, starting from the embedding
             sources.setdefault(LM_HEAD, sources[tied])
         if found is None:
-            raise ConvertError(f"{adapter.weights_file}: tensor '{what}': '{name}' does not exist in the base model "
-                               f"({ckpt.directory})")
+            raise ConvertError(
+                f"{adapter.weights_file}: tensor '{what}': '{name}' does not exist in the base model ({ckpt.directory})"
+            )
         return found
 
     def replace(target: str, info: TensorInfo) -> None:
@@ -106,8 +107,9 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter | None, dtype: str = "auto") -
             if "bias" in lora.parts:
                 bias = resolve(f"{module}.bias", ckpt.tensors)
                 if bias is None:
-                    raise ConvertError(f"{adapter.weights_file}: tensor '{module}': lora_bias is set but the base "
-                                       "layer has no bias")
+                    raise ConvertError(
+                        f"{adapter.weights_file}: tensor '{module}': lora_bias is set but the base layer has no bias"
+                    )
                 deltas[bias] = BiasDelta(lora.parts["bias"], scaling_for(adapter.config, module)[1])
         if tied and (tied in deltas or LM_HEAD in sources or sources[tied] is not tied_source):
             # The adapter changes one side of a tied pair: the PEFT model no longer has equal input and
@@ -127,8 +129,9 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter | None, dtype: str = "auto") -
     return Plan(tensors, main_dtype, config_updates)
 
 
-def _check_replacement(ckpt: Checkpoint, adapter: Adapter, target: str, base: TensorInfo, new: TensorInfo,
-                       config_updates: dict) -> None:
+def _check_replacement(
+    ckpt: Checkpoint, adapter: Adapter, target: str, base: TensorInfo, new: TensorInfo, config_updates: dict
+) -> None:
     """A ``modules_to_save`` copy must fit its base tensor, except a resized vocabulary."""
     if new.shape == base.shape:
         return
@@ -136,5 +139,7 @@ def _check_replacement(ckpt: Checkpoint, adapter: Adapter, target: str, base: Te
     if len(new.shape) == 2 and new.shape[1:] == base.shape[1:] and base.shape[0] == vocab:
         config_updates["vocab_size"] = new.shape[0]
         return
-    raise ConvertError(f"{adapter.weights_file}: tensor '{new.name}': shape mismatch: adapter has {list(new.shape)}, "
-                       f"base tensor '{target}' has {list(base.shape)}")
+    raise ConvertError(
+        f"{adapter.weights_file}: tensor '{new.name}': shape mismatch: adapter has {list(new.shape)}, "
+        f"base tensor '{target}' has {list(base.shape)}"
+    )

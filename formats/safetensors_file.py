@@ -150,7 +150,9 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_len
         )
     nbytes = math.prod(shape) * itemsize(dtype)
     if end - begin != nbytes:
-        raise ConvertError(f"{where}: shape {shape} of {dtype} needs {nbytes} bytes but data_offsets span {end - begin}")
+        raise ConvertError(
+            f"{where}: shape {shape} of {dtype} needs {nbytes} bytes but data_offsets span {end - begin}"
+        )
     return TensorInfo(name, dtype, tuple(shape), path, data_start + begin, nbytes)
 
 

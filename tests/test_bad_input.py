@@ -15,8 +15,11 @@ from tests.conftest import TINY, make_adapter, make_base, transformers
 
 
 def tree_digest(path: Path) -> dict[str, str]:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 def run_failing(tmp_path: Path, base: Path, adapter: Path | None, out: Path | None = None, *extra: str) -> str:
@@ -73,8 +76,9 @@ def test_truncated_safetensors(llama, tmp_path):
     assert "model.safetensors" in message and "truncated" in message and "tensor '" in message
 
 
-@pytest.mark.parametrize("payload", [b"\x00\x01", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}xxxxxx",
-                                     (2**62).to_bytes(8, "little") + b"{}"])
+@pytest.mark.parametrize(
+    "payload", [b"\x00\x01", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}xxxxxx", (2**62).to_bytes(8, "little") + b"{}"]
+)
 def test_corrupt_safetensors_header(llama, tmp_path, payload):
     base, adapter = llama
     (adapter / "adapter_model.safetensors").write_bytes(payload)
@@ -94,8 +98,9 @@ def test_out_dir_not_empty_needs_overwrite(llama, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("user data")
     assert "not empty" in run_failing(tmp_path, base, adapter, out)
-    result = CliRunner().invoke(main, ["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out),
-                                       "--overwrite", "-q"])
+    result = CliRunner().invoke(
+        main, ["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out), "--overwrite", "-q"]
+    )
     assert result.exit_code == 0, result.output
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
 
@@ -154,6 +159,7 @@ def test_failure_while_writing_leaves_nothing(llama, tmp_path, monkeypatch):
     original = formats.writer.ShardWriter.write
     monkeypatch.setattr(formats.writer.ShardWriter, "write", fail_on_third)
     from convert import merge
+
     with pytest.raises(OSError):
         merge(base, adapter, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))

@@ -78,15 +78,24 @@ def write_raw(path, header: dict, data: bytes = b"", header_len: int | None = No
     path.write_bytes(struct.pack("<Q", len(raw) if header_len is None else header_len) + raw + data)
 
 
-@pytest.mark.parametrize("header,data,needle", [
-    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, "overlaps"),
-    ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, "needs 12 bytes"),
-    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4, "truncated"),
-    ({"a": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "unsupported dtype"),
-    ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8, "invalid shape"),
-    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, b"\0" * 8, "invalid data_offsets"),
-])
+@pytest.mark.parametrize(
+    "header,data,needle",
+    [
+        (
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            b"\0" * 12,
+            "overlaps",
+        ),
+        ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, "needs 12 bytes"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4, "truncated"),
+        ({"a": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "unsupported dtype"),
+        ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8, "invalid shape"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, b"\0" * 8, "invalid data_offsets"),
+    ],
+)
 def test_hostile_headers(tmp_path, header, data, needle):
     write_raw(tmp_path / "x.safetensors", header, data)
     with pytest.raises(ConvertError, match=needle) as err:
@@ -95,8 +104,10 @@ def test_hostile_headers(tmp_path, header, data, needle):
 
 
 def test_duplicate_names_and_huge_header(tmp_path):
-    raw = b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a": {"dtype": "F32", "shape": [1], ' \
-          b'"data_offsets": [0, 4]}}'
+    raw = (
+        b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a": {"dtype": "F32", "shape": [1], '
+        b'"data_offsets": [0, 4]}}'
+    )
     (tmp_path / "d.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 4)
     with pytest.raises(ConvertError, match="duplicate tensor name 'a'"):
         read_header(tmp_path / "d.safetensors")
@@ -115,7 +126,7 @@ def test_untouched_tensors_are_byte_copies(tiny_llama, tmp_path):
     assert untouched
     for name in untouched:
         a, b = src[name], out[name]
-        assert raw_in[a.offset:a.offset + a.nbytes] == raw_out[b.offset:b.offset + b.nbytes], name
+        assert raw_in[a.offset : a.offset + a.nbytes] == raw_out[b.offset : b.offset + b.nbytes], name
 
 
 def test_no_adapter_recasts_and_reshards(tiny_llama, tmp_path):

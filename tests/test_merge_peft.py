@@ -1,4 +1,4 @@
-"""Every merged tensor equals PEFT's merge_and_unload, and the output loads in transformers with the PEFT model's logits."""
+"""Every merged tensor equals PEFT's merge_and_unload; the output loads in transformers with the PEFT model's logits."""
 
 from __future__ import annotations
 
@@ -23,16 +23,33 @@ CASES = {
     "llama-bf16": ("llama", "bf16", dict(r=8, lora_alpha=16, target_modules="all-linear")),
     "llama-fp16": ("llama", "fp16", dict(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj", "down_proj"])),
     "rslora": ("llama", "fp32", dict(r=4, lora_alpha=8, use_rslora=True, target_modules="all-linear")),
-    "rank-alpha-pattern": ("llama", "fp32", dict(
-        r=4, lora_alpha=8, target_modules="all-linear",
-        rank_pattern={"q_proj": 2, r"layers\.1\.mlp\.up_proj": 6}, alpha_pattern={"v_proj": 3, "down_proj": 20})),
-    "modules-to-save": ("llama", "fp32", dict(
-        r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head", "o_proj"])),
-    "embedding-and-lm-head": ("llama", "fp32", dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head",
-                                                                                    "k_proj"])),
+    "rank-alpha-pattern": (
+        "llama",
+        "fp32",
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules="all-linear",
+            rank_pattern={"q_proj": 2, r"layers\.1\.mlp\.up_proj": 6},
+            alpha_pattern={"v_proj": 3, "down_proj": 20},
+        ),
+    ),
+    "modules-to-save": (
+        "llama",
+        "fp32",
+        dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head", "o_proj"]),
+    ),
+    "embedding-and-lm-head": (
+        "llama",
+        "fp32",
+        dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head", "k_proj"]),
+    ),
     "lora-bias": ("qwen2", "fp32", dict(r=4, lora_alpha=8, lora_bias=True, target_modules=["q_proj", "k_proj"])),
-    "gpt2-conv1d": ("gpt2", "fp32", dict(r=4, lora_alpha=8, fan_in_fan_out=True,
-                                         target_modules=["c_attn", "c_proj", "c_fc"])),
+    "gpt2-conv1d": (
+        "gpt2",
+        "fp32",
+        dict(r=4, lora_alpha=8, fan_in_fan_out=True, target_modules=["c_attn", "c_proj", "c_fc"]),
+    ),
     "gpt2-conv1d-bf16": ("gpt2", "bf16", dict(r=4, lora_alpha=8, fan_in_fan_out=True, target_modules=["c_attn"])),
     "phi3-fused-qkv": ("phi3", "fp32", dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj"])),
     "qwen2-untouched-tie": ("qwen2", "bf16", dict(r=4, lora_alpha=8, target_modules="all-linear")),
@@ -67,20 +84,24 @@ def test_merge_equals_peft(case: str, tmp_path) -> None:
     torch.testing.assert_close(logits(loaded), expected_logits, atol=atol, rtol=0)
 
 
-@pytest.mark.parametrize("targets,modules_to_save", [
-    (["embed_tokens"], None),
-    (["lm_head"], None),
-    (["q_proj"], ["embed_tokens"]),
-    (["q_proj"], ["lm_head"]),
-])
+@pytest.mark.parametrize(
+    "targets,modules_to_save",
+    [
+        (["embed_tokens"], None),
+        (["lm_head"], None),
+        (["q_proj"], ["embed_tokens"]),
+        (["q_proj"], ["lm_head"]),
+    ],
+)
 def test_tied_embeddings_keep_peft_logits(targets, modules_to_save, tmp_path) -> None:
     """Changing one side of a tied pair unties them: the output gives the PEFT model's logits.
 
     (PEFT's own merge_and_unload writes the changed weight into both sides of the
     tie, which changes the model; the PEFT model, not that, is the reference.)"""
     base = make_base(tmp_path / "base", "qwen2")
-    adapter = make_adapter(tmp_path / "adapter", base, r=4, lora_alpha=8, target_modules=targets,
-                           modules_to_save=modules_to_save)
+    adapter = make_adapter(
+        tmp_path / "adapter", base, r=4, lora_alpha=8, target_modules=targets, modules_to_save=modules_to_save
+    )
     merge(base, adapter, tmp_path / "out")
     assert read_config(tmp_path / "out")["tie_word_embeddings"] is False
     ours = load_output(tmp_path / "out")
@@ -94,8 +115,15 @@ def test_tied_embeddings_keep_peft_logits(targets, modules_to_save, tmp_path) ->
 def test_gpt2_base_without_prefix_and_bin_files(tmp_path) -> None:
     """An original-style GPT-2 checkpoint (keys without 'transformer.', pytorch_model.bin) and a .bin adapter."""
     base = make_base(tmp_path / "base", "gpt2")
-    adapter = make_adapter(tmp_path / "adapter", base, safe=False, r=4, lora_alpha=8, fan_in_fan_out=True,
-                           target_modules=["c_attn", "c_fc"])
+    adapter = make_adapter(
+        tmp_path / "adapter",
+        base,
+        safe=False,
+        r=4,
+        lora_alpha=8,
+        fan_in_fan_out=True,
+        target_modules=["c_attn", "c_fc"],
+    )
     assert (adapter / "adapter_model.bin").exists()
     legacy = tmp_path / "legacy"
     legacy.mkdir()

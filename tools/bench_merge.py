@@ -82,9 +82,16 @@ def build(workdir: Path) -> tuple[Path, Path]:
     tensors["lm_head.weight"] = (VOCAB, HIDDEN)
     total = sum(2 * torch.Size(s).numel() for s in tensors.values())
     write_checkpoint(base, tensors, max_shard_size=total // 3 + 1)
-    LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
-                num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, tie_word_embeddings=False,
-                dtype="bfloat16").save_pretrained(base)
+    LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INTER,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+    ).save_pretrained(base)
 
     lora: dict[str, tuple[int, ...]] = {}
     for i in range(LAYERS):
@@ -93,8 +100,13 @@ def build(workdir: Path) -> tuple[Path, Path]:
             lora[f"base_model.model.model.layers.{i}.{proj}.lora_B.weight"] = (out_f, RANK)
     write_checkpoint(adapter, lora, max_shard_size=1 << 40)
     (adapter / "model.safetensors").rename(adapter / "adapter_model.safetensors")
-    LoraConfig(r=RANK, lora_alpha=32, target_modules=[p.split(".")[1] for p in PROJ], task_type="CAUSAL_LM",
-               base_model_name_or_path="synthetic-tinyllama-1.1b").save_pretrained(adapter)
+    LoraConfig(
+        r=RANK,
+        lora_alpha=32,
+        target_modules=[p.split(".")[1] for p in PROJ],
+        task_type="CAUSAL_LM",
+        base_model_name_or_path="synthetic-tinyllama-1.1b",
+    ).save_pretrained(adapter)
     return base, adapter
 
 
@@ -141,13 +153,32 @@ def main() -> None:
     outs = {k: args.workdir / k for k in ("cp", "convert", "reference")}
     for out in outs.values():
         shutil.rmtree(out, ignore_errors=True)
-    convert_cmd = [sys.executable, "-m", "convert.cli", "merge", "--base", str(base), "--adapter", str(adapter),
-                   "--out", str(outs["convert"]), "--device", "cpu", "-q"]
+    convert_cmd = [
+        sys.executable,
+        "-m",
+        "convert.cli",
+        "merge",
+        "--base",
+        str(base),
+        "--adapter",
+        str(adapter),
+        "--out",
+        str(outs["convert"]),
+        "--device",
+        "cpu",
+        "-q",
+    ]
     runs = {
         "cp -r (I/O floor)": ["cp", "-r", str(base), str(outs["cp"])],
         "convert merge (cpu)": convert_cmd,
-        "reference (transformers + PEFT merge_and_unload)": [sys.executable, "-c", REFERENCE, str(base), str(adapter),
-                                                             str(outs["reference"])],
+        "reference (transformers + PEFT merge_and_unload)": [
+            sys.executable,
+            "-c",
+            REFERENCE,
+            str(base),
+            str(adapter),
+            str(outs["reference"]),
+        ],
     }
     results = {name: timed(cmd) for name, cmd in runs.items()}
     ulp = max_ulp(outs["convert"], outs["reference"])

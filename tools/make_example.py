@@ -19,8 +19,14 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 def main(out: Path) -> None:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
     )
     model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     model.save_pretrained(out / "base")
