@@ -118,7 +118,7 @@ def test_duplicate_names_and_huge_header(tmp_path):
 
 def test_untouched_tensors_are_byte_copies(tiny_llama, tmp_path):
     base, adapter = tiny_llama
-    merge(base, adapter, tmp_path / "out")
+    merge(base, adapter, tmp_path / "out", device="cpu")
     src, _ = read_header(base / "model.safetensors")
     out, _ = read_header(tmp_path / "out" / "model.safetensors")
     raw_in, raw_out = (base / "model.safetensors").read_bytes(), (tmp_path / "out" / "model.safetensors").read_bytes()
@@ -144,7 +144,7 @@ def test_side_files_and_model_card(tiny_llama, tmp_path):
     (base / "chat_template.jinja").write_text("{{ base }}")
     (adapter / "tokenizer_config.json").write_text('{"from": "adapter"}')
     (base / "notes.txt").write_text("not copied")
-    merge(base, adapter, tmp_path / "out")
+    merge(base, adapter, tmp_path / "out", device="cpu")
     out = tmp_path / "out"
     assert json.loads((out / "tokenizer_config.json").read_text()) == {"from": "adapter"}
     assert (out / "chat_template.jinja").read_text() == "{{ base }}"

@@ -67,7 +67,7 @@ def test_merge_equals_peft(case: str, tmp_path) -> None:
     arch, dtype, lora_kwargs = CASES[case]
     base = make_base(tmp_path / "base", arch, dtype)
     adapter = make_adapter(tmp_path / "adapter", base, **lora_kwargs)
-    result = merge(base, adapter, tmp_path / "out")
+    result = merge(base, adapter, tmp_path / "out", device="cpu")
     assert result.merged > 0
 
     reference = peft_model(base, adapter, DTYPES[dtype])
@@ -102,7 +102,7 @@ def test_tied_embeddings_keep_peft_logits(targets, modules_to_save, tmp_path) ->
     adapter = make_adapter(
         tmp_path / "adapter", base, r=4, lora_alpha=8, target_modules=targets, modules_to_save=modules_to_save
     )
-    merge(base, adapter, tmp_path / "out")
+    merge(base, adapter, tmp_path / "out", device="cpu")
     assert read_config(tmp_path / "out")["tie_word_embeddings"] is False
     ours = load_output(tmp_path / "out")
     assert "lm_head.weight" in ours and "model.embed_tokens.weight" in ours
@@ -131,7 +131,7 @@ def test_gpt2_base_without_prefix_and_bin_files(tmp_path) -> None:
     torch.save(state, legacy / "pytorch_model.bin")
     (legacy / "config.json").write_text((base / "config.json").read_text())
 
-    merge(legacy, adapter, tmp_path / "out")
+    merge(legacy, adapter, tmp_path / "out", device="cpu")
     ours = load_output(tmp_path / "out")
     assert all(not k.startswith("transformer.") for k in ours)
     merged_ref = peft_model(base, adapter, torch.float32).merge_and_unload().state_dict()
@@ -144,7 +144,7 @@ def test_gpt2_base_without_prefix_and_bin_files(tmp_path) -> None:
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
 def test_output_dtype(dtype, tiny_llama, tmp_path) -> None:
     base, adapter = tiny_llama
-    merge(base, adapter, tmp_path / "out", dtype=dtype)
+    merge(base, adapter, tmp_path / "out", dtype=dtype, device="cpu")
     ours = load_output(tmp_path / "out")
     assert {t.dtype for t in ours.values()} == {DTYPES[dtype]}
     config = read_config(tmp_path / "out")
@@ -158,8 +158,8 @@ def test_output_dtype(dtype, tiny_llama, tmp_path) -> None:
 def test_chunked_rows_and_shards_match_unchunked(tiny_llama, tmp_path) -> None:
     """Tiny chunks and shards give the same bytes as one chunk and one file; transformers loads the index."""
     base, adapter = tiny_llama
-    merge(base, adapter, tmp_path / "whole")
-    result = merge(base, adapter, tmp_path / "chunked", chunk_size=4 * 32 * 3, max_shard_size="20KB")
+    merge(base, adapter, tmp_path / "whole", device="cpu")
+    result = merge(base, adapter, tmp_path / "chunked", chunk_size=4 * 32 * 3, max_shard_size="20KB", device="cpu")
     shards = sorted(p.name for p in (tmp_path / "chunked").glob("*.safetensors"))
     assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     assert all(p.stat().st_size <= 20_000 + 2_000 for p in (tmp_path / "chunked").glob("*.safetensors"))

@@ -20,6 +20,7 @@ import datetime
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -110,16 +111,21 @@ def build(workdir: Path) -> tuple[Path, Path]:
     return base, adapter
 
 
-def timed(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one whole process."""
+def timed(cmd: list[str], out: Path | None) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of one whole process, started after removing its last output.
+
+    The process is started by GNU time: a child forked from this (larger) Python
+    process would report this process's RSS as its own peak (Linux keeps the
+    pre-exec high-water mark)."""
+    if out is not None:
+        shutil.rmtree(out, ignore_errors=True)
     subprocess.run(["sync"], check=True)
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr.read().decode()}")
-    return seconds, usage.ru_maxrss * 1024
+    if proc.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr.decode()}")
+    return seconds, int(proc.stderr.decode().split()[-1]) * 1024
 
 
 def max_ulp(ours: Path, reference: Path) -> int:
@@ -146,54 +152,40 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-merge"))
     parser.add_argument("--results", type=Path, default=ROOT / "tools" / "results" / "bench_merge.md")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each, interleaved; the median is reported")
+    parser.add_argument("--device", default="cpu", help="--device for convert merge")
     args = parser.parse_args()
     base, adapter = build(args.workdir)
-    for f in base.iterdir():  # warm the page cache, as for every run below
-        f.read_bytes()
+    subprocess.run(f"cat {base}/* > /dev/null", shell=True, check=True)  # page cache warm for every run
     outs = {k: args.workdir / k for k in ("cp", "convert", "reference")}
-    for out in outs.values():
-        shutil.rmtree(out, ignore_errors=True)
-    convert_cmd = [
-        sys.executable,
-        "-m",
-        "convert.cli",
-        "merge",
-        "--base",
-        str(base),
-        "--adapter",
-        str(adapter),
-        "--out",
-        str(outs["convert"]),
-        "--device",
-        "cpu",
-        "-q",
-    ]
+    convert = [sys.executable, "-m", "convert.cli", "merge", "--base", str(base), "--adapter", str(adapter)]
+    conv_name = f"convert merge ({args.device})"
+    ref_name = "reference (transformers + PEFT merge_and_unload)"
     runs = {
         "cp -r (I/O floor)": ["cp", "-r", str(base), str(outs["cp"])],
-        "convert merge (cpu)": convert_cmd,
-        "reference (transformers + PEFT merge_and_unload)": [
-            sys.executable,
-            "-c",
-            REFERENCE,
-            str(base),
-            str(adapter),
-            str(outs["reference"]),
-        ],
+        "python -c 'import torch' (start-up floor)": [sys.executable, "-c", "import torch"],
+        conv_name: [*convert, "--out", str(outs["convert"]), "--device", args.device, "-q"],
+        ref_name: [sys.executable, "-c", REFERENCE, str(base), str(adapter), str(outs["reference"])],
     }
-    results = {name: timed(cmd) for name, cmd in runs.items()}
+    run_outs = {"cp -r (I/O floor)": outs["cp"], conv_name: outs["convert"], ref_name: outs["reference"]}
+    samples: dict[str, list[tuple[float, int]]] = {name: [] for name in runs}
+    for _ in range(args.repeat):
+        for name, cmd in runs.items():
+            samples[name].append(timed(cmd, run_outs.get(name)))
+    results = {name: (statistics.median(s for s, _ in v), max(r for _, r in v)) for name, v in samples.items()}
     ulp = max_ulp(outs["convert"], outs["reference"])
     for out in outs.values():
         shutil.rmtree(out, ignore_errors=True)
 
     cp_s = results["cp -r (I/O floor)"][0]
-    conv_s, conv_rss = results["convert merge (cpu)"]
-    ref_s, ref_rss = results["reference (transformers + PEFT merge_and_unload)"]
+    conv_s, conv_rss = results[conv_name]
+    ref_s, ref_rss = results[ref_name]
     size_gb = sum(f.stat().st_size for f in base.glob("*.safetensors")) / 1e9
     lines = [
         f"## {datetime.date.today()}, {platform.node() or 'cpu'}: {os.cpu_count()} cores, TinyLlama-1.1B-shaped bf16 "
-        f"({size_gb:.2f} GB, 3 shards), LoRA r={RANK} all-linear, page cache warm",
+        f"({size_gb:.2f} GB, 3 shards), LoRA r={RANK} all-linear, page cache warm, median of {args.repeat}",
         "",
-        "| run | wall s | peak RSS GB |",
+        "| run | wall s (median) | peak RSS GB (max) |",
         "|---|---|---|",
         *(f"| {name} | {s:.2f} | {rss / 1e9:.2f} |" for name, (s, rss) in results.items()),
         "",
