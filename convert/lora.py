@@ -63,6 +63,9 @@ def check_config(adapter: Adapter) -> None:
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise ConvertError(f"{where}: adapter type {peft_type!r} is not supported (only LoRA adapters can be merged)")
+    for field in ("r", "lora_alpha"):
+        if not isinstance(config.get(field), int | float) or config[field] <= 0:
+            raise ConvertError(f"{where}: '{field}' must be a positive number, got {config.get(field)!r}")
     for name, what in UNSUPPORTED_FIELDS.items():
         if config.get(name):
             raise ConvertError(f"{where}: {what} is not supported yet")

@@ -53,7 +53,7 @@ def resolve(name: str, base: dict[str, TensorInfo]) -> str | None:
     an extra) ``base_model_prefix``, which transformers itself accepts when loading."""
     if name in base:
         return name
-    head, _, tail = name.partition(".")
+    _, _, tail = name.partition(".")
     if tail in base:
         return tail
     for prefix in dict.fromkeys(k.partition(".")[0] for k in base):

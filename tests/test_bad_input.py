@@ -163,3 +163,11 @@ def test_failure_while_writing_leaves_nothing(llama, tmp_path, monkeypatch):
     with pytest.raises(OSError):
         merge(base, adapter, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_adapter_config_without_rank(llama, tmp_path):
+    base, adapter = llama
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    del config["r"]
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    assert "'r' must be a positive number" in run_failing(tmp_path, base, adapter)
