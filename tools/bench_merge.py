@@ -19,6 +19,7 @@ import argparse
 import datetime
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -119,8 +120,8 @@ def warm_cache() -> None:
     subprocess.run(["cat", *map(str, BASE_FILES)], stdout=subprocess.DEVNULL, check=True)
 
 
-def timed(cmd: list[str], out: Path | None) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one whole process, started after removing its last output.
+def timed(cmd: list[str], out: Path | None) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS (bytes) and stdout of one whole process, started after removing its last output.
 
     The process is started by GNU time: a child forked from this (larger) Python
     process would report this process's RSS as its own peak (Linux keeps the
@@ -130,11 +131,11 @@ def timed(cmd: list[str], out: Path | None) -> tuple[float, int]:
     subprocess.run(["sync"], check=True)
     warm_cache()
     start = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr.decode()}")
-    return seconds, int(proc.stderr.decode().split()[-1]) * 1024
+    return seconds, int(proc.stderr.decode().split()[-1]) * 1024, proc.stdout.decode()
 
 
 def max_ulp(ours: Path, reference: Path) -> int:
@@ -173,15 +174,17 @@ def main() -> None:
     runs = {
         "cp -r (I/O floor)": ["cp", "-r", str(base), str(outs["cp"])],
         "python -c 'import torch' (start-up floor)": [sys.executable, "-c", "import torch"],
-        conv_name: [*convert, "--out", str(outs["convert"]), "--device", args.device, "-q"],
+        conv_name: [*convert, "--out", str(outs["convert"]), "--device", args.device],
         ref_name: [sys.executable, "-c", REFERENCE, str(base), str(adapter), str(outs["reference"])],
     }
     run_outs = {"cp -r (I/O floor)": outs["cp"], conv_name: outs["convert"], ref_name: outs["reference"]}
-    samples: dict[str, list[tuple[float, int]]] = {name: [] for name in runs}
+    samples: dict[str, list[tuple[float, int, str]]] = {name: [] for name in runs}
     for _ in range(args.repeat):
         for name, cmd in runs.items():
             samples[name].append(timed(cmd, run_outs.get(name)))
-    results = {name: (statistics.median(s for s, _ in v), max(r for _, r in v)) for name, v in samples.items()}
+    results = {name: (statistics.median(s for s, _, _ in v), max(r for _, r, _ in v)) for name, v in samples.items()}
+    # The merge's own time, from its summary line: the wall time less interpreter and torch start-up.
+    inner = [float(re.search(r" in ([0-9.]+) s,", out).group(1)) for _, _, out in samples[conv_name]]
     ulp = max_ulp(outs["convert"], outs["reference"])
     for out in outs.values():
         shutil.rmtree(out, ignore_errors=True)
@@ -199,10 +202,11 @@ def main() -> None:
         *(f"| {name} | {s:.2f} | {rss / 1e9:.2f} |" for name, (s, rss) in results.items()),
         "",
         f"- convert vs reference: {ref_s / conv_s:.1f}x faster, peak RSS {100 * conv_rss / ref_rss:.0f}% of reference",
-        f"- convert vs cp floor: {conv_s / cp_s:.2f}x the cp time",
+        f"- convert vs cp floor: {conv_s / cp_s:.2f}x the cp time; the merge itself (its summary line, without "
+        f"start-up) took {statistics.median(inner):.2f} s = {statistics.median(inner) / cp_s:.2f}x the cp time",
         f"- largest difference between the two merged outputs: {ulp} bf16 ulp",
         "- all samples (s): "
-        + "; ".join(f"{n.split(' (')[0]}: {', '.join(f'{s:.2f}' for s, _ in v)}" for n, v in samples.items()),
+        + "; ".join(f"{n.split(' (')[0]}: {', '.join(f'{s:.2f}' for s, _, _ in v)}" for n, v in samples.items()),
         "",
     ]
     text = "\n".join(lines)
