@@ -85,6 +85,7 @@ def merge(
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    writer = None
     try:
         writer = ShardWriter(tmp, [t.planned for t in plan.tensors], shard_bytes)
         total = sum(t.planned.nbytes for t in plan.tensors)
@@ -108,6 +109,8 @@ def merge(
             files.append("README.md")
         publish(tmp, out)
     except BaseException:
+        if writer is not None:
+            writer.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     merged = sum(t.delta is not None for t in plan.tensors)

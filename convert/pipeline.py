@@ -1,19 +1,20 @@
-"""Run a plan: read -> transform -> write, one row chunk at a time.
+"""Run a plan: read -> transform -> write, row chunk by row chunk, by several workers at once.
 
-A reader thread reads base rows ahead into a small pool of reused buffers while
-the calling thread computes each chunk in cache-sized tiles and writes every
-tile as soon as it is computed. Reads overlap compute; a tile is copied into the
-page cache while it is still in the CPU's cache; host memory stays at a few
-chunks whatever the model size, and no time goes to page-faulting new buffers.
+The writer knows every tensor's place in its shard before the first byte, so the
+work is split into independent jobs (a row chunk of a tensor, or a file-to-file
+copy) that a few worker threads take in plan order. While one worker reads its
+chunk another computes and writes: reads overlap compute on any number of cores.
+A worker computes in cache-sized tiles and writes each tile while it is still in
+the CPU's cache, and reuses one read buffer: host memory stays at a few chunks
+per worker whatever the model size.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -23,19 +24,19 @@ from convert.plan import OutputTensor
 from formats.safetensors_file import DTYPES, read_tensor
 from formats.writer import ShardWriter
 
-DEFAULT_CHUNK_BYTES = 8 << 20  # one I/O chunk, counted at 4 bytes an element
+DEFAULT_CHUNK_BYTES = 8 << 20  # one read, counted at 4 bytes an element
 CPU_TILE_ELEMENTS = 1 << 17  # 512 KiB of fp32: a tile's temporaries stay in the CPU's cache
-DEPTH = 2  # chunks in flight between two stages
+MAX_WORKERS = 8
 
 
-@dataclass
+@dataclass(frozen=True)
 class Work:
+    """One job: rows [start, stop) of an output tensor (``rows`` once read), or a whole byte copy."""
+
     out: OutputTensor
     start: int = 0
     stop: int = 0
-    rows: torch.Tensor | None = None  # base rows [start, stop); None for a file-to-file copy
-    buffer: torch.Tensor | None = None  # the pooled buffer ``rows`` lives in
-    parts: Factors | None = None  # fp32 LoRA factors, with the first chunk of a tensor
+    rows: torch.Tensor | None = None
 
 
 def row_chunks(shape: tuple[int, ...], max_elements: int) -> list[tuple[int, int]]:
@@ -52,31 +53,6 @@ def row_chunks(shape: tuple[int, ...], max_elements: int) -> list[tuple[int, int
     if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
         del bounds[-2]
     return list(zip(bounds, bounds[1:], strict=False))
-
-
-class Pool:
-    """A fixed set of reusable byte buffers; ``take`` blocks until one is free."""
-
-    def __init__(self, count: int, nbytes: int):
-        self.nbytes = nbytes
-        self.closed = threading.Event()
-        self._free: queue.Queue = queue.Queue()
-        for _ in range(count):
-            self._free.put(torch.empty(nbytes, dtype=torch.uint8))
-
-    def take(self, nbytes: int) -> torch.Tensor:
-        if nbytes > self.nbytes:  # a chunk of very wide rows (two rows at least): a one-off buffer
-            return torch.empty(nbytes, dtype=torch.uint8)
-        while not self.closed.is_set():
-            try:
-                return self._free.get(timeout=0.1)
-            except queue.Empty:
-                continue
-        raise RuntimeError("buffer pool closed")  # the run is being torn down after an error
-
-    def give(self, buffer: torch.Tensor) -> None:
-        if buffer.numel() == self.nbytes:
-            self._free.put(buffer)
 
 
 @dataclass
@@ -116,64 +92,17 @@ def exact_to_prescale(A: torch.Tensor, B: torch.Tensor, scaling: float) -> bool:
     return tiny and bounded
 
 
-def read_work(tensors: Iterable[OutputTensor], chunk_elements: int, pool: Pool) -> Iterator[Work]:
-    for out in tensors:
-        if out.byte_copy:
-            yield Work(out)
-            continue
-        parts = load_factors(out.delta) if out.delta is not None else None
-        for start, stop in row_chunks(out.shape, chunk_elements):
-            buffer = pool.take((stop - start) * out.source.row_bytes)
-            rows = read_tensor(out.source, start, stop, buffer)
-            yield Work(out, start, stop, rows, buffer, parts if start == 0 else None)
-
-
-def in_thread(items: Iterator, depth: int = DEPTH) -> Iterator:
-    """Run an iterator in a background thread, at most ``depth`` items ahead; its errors re-raise here."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def run() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    return
-            put(done)
-        except BaseException as e:  # handed to the consumer, which re-raises it
-            put(e)
-
-    thread = threading.Thread(target=run, name="convert-reader", daemon=True)
-    thread.start()
-    try:
-        while (item := q.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
-
-
 def merged_tiles(
     work: Work, parts: Factors | None, tile_elements: int, scratch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-) -> Iterator[torch.Tensor]:
+) -> Iterator[tuple[int, torch.Tensor]]:
     """Output rows of one chunk, a cache-sized tile at a time: base rows (+ delta), rounded once.
 
     PEFT computes ``delta = (B @ A) * scaling`` in fp32, then ``weight += delta`` on
     the base dtype, which adds in fp32 and rounds once to the weight's dtype. The
     same fp32 values are added here (converting first: a mixed-dtype add is several
     times slower on the CPU) and each tile is yielded while it is still in cache.
-    The yielded tensor is scratch space, valid until the next one is produced.
+    Yields (first row within the chunk, tile); the tile is scratch space, valid
+    until the next one is produced.
     """
     delta, dtype = work.out.delta, DTYPES[work.out.dtype]
     f = parts.tensors if parts is not None else {}
@@ -182,7 +111,7 @@ def merged_tiles(
         out = scratch[2].view(dtype)[: rows.numel()].view(rows.shape)
         if delta is None:
             out.copy_(rows)
-            yield out
+            yield t0, out
             continue
         lo, hi, n = work.start + t0, work.start + t1, rows.numel()
         w = scratch[0][:n].view(rows.shape)
@@ -198,7 +127,7 @@ def merged_tiles(
         else:
             add_product(w, f["B"][lo:hi], f["A"], scratch[1][:n].view(hi - lo, -1))
         out.copy_(w)
-        yield out
+        yield t0, out
 
 
 # (device type, rows, cols, rank) -> whether addmm rounds exactly like mm followed by add_.
@@ -224,6 +153,43 @@ def add_product(w: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scratch: torc
     w.add_(d)
 
 
+def plan_jobs(tensors: list[OutputTensor], chunk_elements: int) -> list[Work]:
+    return [
+        Work(out) if out.byte_copy else Work(out, start, stop)
+        for out in tensors
+        for start, stop in ([(0, 0)] if out.byte_copy else row_chunks(out.shape, chunk_elements))
+    ]
+
+
+class Worker:
+    """One thread's state: its read buffer, its scratch, and the factors of the tensor it last worked on."""
+
+    def __init__(self, writer: ShardWriter, device: torch.device, chunk_elements: int, row: int, tile: int):
+        self.writer, self.device, self.tile = writer, device, tile
+        # A chunk or tile may hold one row more than its budget (see row_chunks), and never fewer than two.
+        self.buffer = torch.empty(4 * max(chunk_elements + row, 3 * row), dtype=torch.uint8)
+        scratch_elements = max(tile + row, 3 * row)
+        self.scratch = tuple(torch.empty(scratch_elements, device=device) for _ in range(3))
+        self.factors: tuple[str, Factors | None] = ("", None)
+
+    def run(self, job: Work) -> int:
+        """Do one job; return the bytes it wrote."""
+        out = job.out
+        if out.byte_copy:
+            self.writer.copy(out.name, out.source)
+            return out.source.nbytes
+        if self.factors[0] != out.name:
+            loaded = load_factors(out.delta) if out.delta is not None else None
+            self.factors = (out.name, loaded.to(self.device) if loaded is not None else None)
+        rows = read_tensor(out.source, job.start, job.stop, self.buffer)
+        if self.device.type != "cpu":
+            rows = rows.to(self.device)
+        row_bytes = math.prod(out.shape[1:]) * DTYPES[out.dtype].itemsize
+        for t0, tile in merged_tiles(Work(out, job.start, job.stop, rows), self.factors[1], self.tile, self.scratch):
+            self.writer.write(out.name, tile if tile.is_cpu else tile.cpu(), (job.start + t0) * row_bytes)
+        return (job.stop - job.start) * row_bytes if out.shape else DTYPES[out.dtype].itemsize
+
+
 def run_plan(
     tensors: list[OutputTensor],
     writer: ShardWriter,
@@ -231,39 +197,48 @@ def run_plan(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     on_progress: Callable[[int], None] = lambda n: None,
 ) -> None:
-    """Read ahead in a thread; compute and write tile by tile here, each tile written while in cache."""
+    """Run every job of the plan on a few worker threads; the first error stops them all and is raised."""
     chunk_elements = max(1, chunk_bytes // 4)
-    # A chunk or tile may hold one row more than its budget (see row_chunks), and never fewer than two.
-    row = max_row(tensors)
-    pool = Pool(DEPTH + 2, 4 * max(chunk_elements + row, 3 * row))
     on_cpu = device.type == "cpu"
+    # On the CPU: one worker per core, each running torch single-threaded (torch's own
+    # spinning OpenMP workers would fight the other workers for the cores). On a GPU:
+    # two workers, so that one reads and writes while the other's chunk computes.
+    count = max(1, min(MAX_WORKERS, os.cpu_count() or 1)) if on_cpu else 2
+    tile = CPU_TILE_ELEMENTS if on_cpu else chunk_elements
+    row = max_row(tensors)
+    workers = [Worker(writer, device, chunk_elements, row, tile) for _ in range(count)]
+    jobs = iter(plan_jobs(tensors, chunk_elements))
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def work(worker: Worker) -> None:
+        while True:
+            with lock:
+                job = next(jobs, None) if not errors else None
+            if job is None:
+                return
+            try:
+                written = worker.run(job)
+            except BaseException as e:
+                with lock:
+                    errors.append(e)
+                return
+            with lock:
+                on_progress(written)
+
     threads = torch.get_num_threads()
     if on_cpu:
-        # Leave a core to the reader thread and the kernel's page-cache work: torch's spinning
-        # OpenMP workers otherwise fight them for it, and a 2-core merge runs several times slower.
-        torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - 1)))
-    # On the CPU each torch thread gets a cache-sized share of a tile; on a GPU a tile is a whole chunk.
-    tile_elements = CPU_TILE_ELEMENTS * torch.get_num_threads() if on_cpu else chunk_elements
-    scratch = tuple(torch.empty(max(tile_elements + row, 3 * row), device=device) for _ in range(3))
-    parts: Factors | None = None
-    works = in_thread(read_work(tensors, chunk_elements, pool))
+        torch.set_num_threads(1)
     try:
-        for work in works:
-            before = writer.bytes_written
-            if work.rows is None:
-                writer.copy(work.out.name, work.out.source)
-            else:
-                if work.parts is not None:
-                    parts = work.parts.to(device)
-                rows = work.rows if on_cpu else work.rows.to(device)
-                for tile in merged_tiles(Work(work.out, work.start, work.stop, rows), parts, tile_elements, scratch):
-                    writer.write(work.out.name, tile if on_cpu else tile.cpu())
-                pool.give(work.buffer)
-            on_progress(writer.bytes_written - before)
+        pool = [threading.Thread(target=work, args=(w,), name=f"convert-worker-{i}") for i, w in enumerate(workers)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
     finally:
         torch.set_num_threads(threads)
-        pool.closed.set()  # unblocks a reader waiting for a buffer, so that closing it cannot hang
-        works.close()
+    if errors:
+        raise errors[0]
 
 
 def max_row(tensors: list[OutputTensor]) -> int:

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,97 +83,97 @@ def encode_header(tensors: list[PlannedTensor], metadata: dict[str, str]) -> byt
 
 
 class ShardWriter:
-    """Writes planned tensors, strictly in plan order, into ``out_dir``.
+    """Writes planned tensors into ``out_dir`` at their planned offsets, from any thread, in any order.
 
-    Call ``write`` (any number of chunks) or ``copy`` (bytes straight from a
-    source file) for each tensor in turn; ``finish`` checks that everything was
-    written and writes the index.
+    Every shard is created with its header at once: the layout is fixed by the
+    plan, so a tensor (or a row range of it) can be written as soon as it is
+    computed, by whichever worker computed it. ``finish`` checks that every
+    tensor got exactly its bytes and writes the index.
     """
 
     def __init__(self, out_dir: Path, tensors: list[PlannedTensor], max_shard_size: int):
         self.out_dir = out_dir
         self.shards = plan_shards(tensors, max_shard_size)
         self.names = shard_names(len(self.shards))
-        self._queue = [(s, t) for s, shard in enumerate(self.shards) for t in shard]
-        self._next = 0  # index into _queue of the tensor being written
-        self._written = 0  # bytes of that tensor written so far
-        self._file = None
-        self._file_shard = -1
+        self._where: dict[str, tuple[int, int, int]] = {}  # name -> (fd, absolute offset, nbytes)
+        self._written: dict[str, int] = {}
+        self._ranges: dict[str, list[tuple[int, int]]] = {}
+        self._lock = threading.Lock()
+        self._fds: list[int] = []
         self.bytes_written = 0
+        for shard, name in zip(self.shards, self.names, strict=True):
+            header = encode_header(shard, {"format": "pt"})
+            fd = os.open(out_dir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds.append(fd)
+            _pwrite_all(fd, memoryview(header), 0)
+            offset = len(header)
+            for t in shard:
+                self._where[t.name] = (fd, offset, t.nbytes)
+                self._written[t.name] = 0
+                self._ranges[t.name] = []
+                offset += t.nbytes
+            os.ftruncate(fd, offset)
 
-    @property
-    def current(self) -> PlannedTensor:
-        return self._queue[self._next][1]
+    def _claim(self, name: str, offset: int, n: int) -> None:
+        """Record bytes [offset, offset + n) of a tensor as written; each byte may be written once."""
+        with self._lock:
+            if offset < 0 or offset + n > self._where[name][2]:
+                raise RuntimeError(f"tensor '{name}': write of {n} bytes at {offset} is outside the tensor")
+            if any(offset < end and start < offset + n for start, end in self._ranges[name]):
+                raise RuntimeError(f"tensor '{name}': bytes at {offset} written twice")
+            self._ranges[name].append((offset, offset + n))
+            self._written[name] += n
+            self.bytes_written += n
 
-    def _target(self, name: str):
-        if self._next >= len(self._queue) or self.current.name != name:
-            expected = self.current.name if self._next < len(self._queue) else "nothing"
-            raise RuntimeError(f"writer got tensor '{name}' but expected {expected}")
-        shard = self._queue[self._next][0]
-        if shard != self._file_shard:
-            self._close_file()
-            self._file = open(self.out_dir / self.names[shard], "wb", buffering=0)
-            self._file.write(encode_header(self.shards[shard], {"format": "pt"}))
-            self._file_shard = shard
-        return self._file
-
-    def _advance(self, n: int) -> None:
-        self._written += n
-        self.bytes_written += n
-        if self._written > self.current.nbytes:
-            raise RuntimeError(f"tensor '{self.current.name}': wrote more bytes than planned")
-        if self._written == self.current.nbytes:
-            self._next += 1
-            self._written = 0
-
-    def write(self, name: str, data: torch.Tensor) -> None:
-        """Append the bytes of ``data`` (a CPU tensor, any dtype) to tensor ``name``."""
-        self._write_all(self._target(name), memoryview(data.contiguous().view(-1).view(torch.uint8).numpy()))
-
-    def _write_all(self, f, view: memoryview) -> None:
-        if not view:
-            self._advance(0)  # completes an empty tensor
-        while view:
-            n = f.write(view)
-            view = view[n:]
-            self._advance(n)
+    def write(self, name: str, data: torch.Tensor, offset: int = 0) -> None:
+        """Write the bytes of ``data`` (a CPU tensor) at byte ``offset`` within tensor ``name``."""
+        fd, start, _ = self._where[name]
+        view = memoryview(data.contiguous().view(-1).view(torch.uint8).numpy())
+        self._claim(name, offset, len(view))
+        _pwrite_all(fd, view, start + offset)
 
     def copy(self, name: str, source: TensorInfo) -> None:
         """Copy a tensor's bytes file-to-file without reading them into this process."""
-        f = self._target(name)
+        fd, dst, nbytes = self._where[name]
+        self._claim(name, 0, source.nbytes)
         with open(source.path, "rb", buffering=0) as src:
-            offset, left = source.offset, source.nbytes
-            if not left:
-                self._advance(0)
-            while left:
+            done = 0
+            while done < nbytes:
+                left = nbytes - done
                 try:
-                    n = os.copy_file_range(src.fileno(), f.fileno(), left, offset)
-                    self._advance(n)
+                    n = os.copy_file_range(src.fileno(), fd, left, source.offset + done, dst + done)
                 except OSError:
                     n = 0
-                if n == 0:  # not supported across these filesystems: plain read/write
-                    chunk = os.pread(src.fileno(), min(left, 16 << 20), offset)
+                if n == 0:  # not supported across these filesystems, or the source is short
+                    chunk = os.pread(src.fileno(), min(left, 16 << 20), source.offset + done)
                     if not chunk:
                         raise ConvertError(f"{source.path}: tensor '{source.name}': file ended early (truncated)")
-                    self._write_all(f, memoryview(chunk))
-                    n = len(chunk)
-                offset += n
-                left -= n
+                    n = _pwrite_all(fd, memoryview(chunk), dst + done)
+                done += n
 
-    def _close_file(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
 
     def finish(self) -> list[str]:
-        """Close the last shard, write the index when sharded; return the files written."""
-        self._close_file()
-        if self._next != len(self._queue):
-            raise RuntimeError(f"output incomplete: tensor '{self.current.name}' was never written")
+        """Close the shards, write the index when sharded; return the files written."""
+        self.close()
+        for name, (_, _, nbytes) in self._where.items():
+            if self._written[name] != nbytes:
+                raise RuntimeError(f"output incomplete: tensor '{name}' got {self._written[name]} of {nbytes} bytes")
         if len(self.shards) > 1:
-            weight_map = {t.name: self.names[s] for s, t in self._queue}
-            total = sum(t.nbytes for _, t in self._queue)
+            weight_map = {t.name: name for shard, name in zip(self.shards, self.names, strict=True) for t in shard}
+            total = sum(nbytes for _, _, nbytes in self._where.values())
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
             return [*self.names, INDEX_NAME]
         return list(self.names)
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> int:
+    total = len(view)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+    return total

@@ -150,11 +150,11 @@ def test_failure_while_writing_leaves_nothing(llama, tmp_path, monkeypatch):
 
     calls = []
 
-    def fail_on_third(self, name, data):
+    def fail_on_third(self, name, data, offset=0):
         calls.append(name)
         if len(calls) == 3:
             raise OSError(28, "No space left on device")
-        return original(self, name, data)
+        return original(self, name, data, offset)
 
     original = formats.writer.ShardWriter.write
     monkeypatch.setattr(formats.writer.ShardWriter, "write", fail_on_third)

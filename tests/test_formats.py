@@ -59,9 +59,9 @@ def test_writer_output_loads_in_safetensors(tmp_path):
     planned = [PlannedTensor(n, {v: k for k, v in DTYPES.items()}[t.dtype], tuple(t.shape)) for n, t in tensors.items()]
     writer = ShardWriter(tmp_path, planned, max_shard_size=200)
     for name, t in tensors.items():
-        if t.dim() == 2 and t.shape[0] > 2:  # in two chunks
+        if t.dim() == 2 and t.shape[0] > 2:  # in two chunks, the second first
+            writer.write(name, t[2:], offset=t[:2].nbytes)
             writer.write(name, t[:2])
-            writer.write(name, t[2:])
         else:
             writer.write(name, t)
     files = writer.finish()
@@ -71,6 +71,18 @@ def test_writer_output_loads_in_safetensors(tmp_path):
         with safe_open(tmp_path / index["weight_map"][name], "pt") as f:
             assert f.metadata() == {"format": "pt"}
             assert torch.equal(f.get_tensor(name), t), name
+
+
+def test_writer_refuses_overlaps_and_reports_missing_bytes(tmp_path):
+    writer = ShardWriter(tmp_path, [PlannedTensor("a", "F32", (4,)), PlannedTensor("b", "F32", (2,))], 1 << 20)
+    writer.write("a", torch.zeros(2))
+    with pytest.raises(RuntimeError, match="written twice"):
+        writer.write("a", torch.zeros(2), offset=4)
+    with pytest.raises(RuntimeError, match="outside the tensor"):
+        writer.write("b", torch.zeros(3))
+    writer.write("b", torch.zeros(2))
+    with pytest.raises(RuntimeError, match="tensor 'a' got 8 of 16 bytes"):
+        writer.finish()
 
 
 def write_raw(path, header: dict, data: bytes = b"", header_len: int | None = None) -> None:
