@@ -35,7 +35,7 @@ def test_readme_example_merge_matches_peft(tmp_path):
     result = subprocess.run([*runner, "merge", *command], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert re.fullmatch(
-        r"merged 14 tensors, copied 7, wrote [0-9.]+ MB to \S+ in [0-9.]+ s, peak RSS [0-9.]+ MB\n", result.stdout
+        r"merged 14 tensors, copied 7, wrote [0-9.]+ MB to \S+ in [0-9.]+ s, peak RSS [0-9.]+ [MG]B\n", result.stdout
     ), result.stdout
     merged_ref = peft_model(EXAMPLE / "base", EXAMPLE / "adapter", torch.bfloat16).merge_and_unload().state_dict()
     ours = load_output(out)
