@@ -12,6 +12,7 @@ strangers: a lying length, offset or shape is reported, never trusted.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -169,7 +170,7 @@ def read_tensor(
     shape = (nrows, *info.shape[1:]) if info.shape else ()
     nbytes = nrows * info.row_bytes
     buf = torch.empty(nbytes, dtype=torch.uint8) if buffer is None else buffer[:nbytes]
-    view = memoryview(buf.numpy())
+    view = byte_view(buf)
     pos, offset = 0, info.offset + row_start * info.row_bytes
     with open(info.path, "rb", buffering=0) as f:
         fd = f.fileno()
@@ -179,6 +180,18 @@ def read_tensor(
                 raise ConvertError(f"{info.path}: tensor '{info.name}': file ended early (truncated)")
             pos += n
     return buf.view(DTYPES[info.dtype]).reshape(shape)
+
+
+def byte_view(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor as a writable memoryview, without numpy (not a dependency).
+
+    The view borrows the tensor's memory: the caller keeps the tensor alive while using it."""
+    if not tensor.is_contiguous() or tensor.device.type != "cpu":
+        raise ValueError("byte_view needs a contiguous CPU tensor")
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes == 0:
+        return memoryview(bytearray())
+    return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
 
 
 def _into(buffer: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from formats.errors import ConvertError
-from formats.safetensors_file import TensorInfo, itemsize
+from formats.safetensors_file import TensorInfo, byte_view, itemsize
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -128,7 +128,8 @@ class ShardWriter:
     def write(self, name: str, data: torch.Tensor, offset: int = 0) -> None:
         """Write the bytes of ``data`` (a CPU tensor) at byte ``offset`` within tensor ``name``."""
         fd, start, _ = self._where[name]
-        view = memoryview(data.contiguous().view(-1).view(torch.uint8).numpy())
+        data = data.contiguous()
+        view = byte_view(data)
         self._claim(name, offset, len(view))
         _pwrite_all(fd, view, start + offset)
 

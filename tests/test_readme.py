@@ -42,3 +42,15 @@ def test_readme_example_merge_matches_peft(tmp_path):
     assert ours.keys() == merged_ref.keys()
     for name, tensor in ours.items():
         assert_equal_or_1ulp(tensor, merged_ref[name], name)
+
+
+def test_merge_runs_without_numpy(tmp_path):
+    """The README's first command installs no numpy (torch does not require it): the merge must not need it."""
+    code = (
+        "import sys; sys.modules['numpy'] = None\n"
+        "from convert import merge\n"
+        f"print(merge({str(EXAMPLE / 'base')!r}, {str(EXAMPLE / 'adapter')!r}, {str(tmp_path / 'out')!r}).merged)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "14"
