@@ -3,8 +3,13 @@
 The Python API mirrors the CLI: ``from convert import merge``.
 """
 
-from convert.merge import MergeResult, merge
-from formats.errors import ConvertError
+import warnings
+
+# torch warns on import when numpy is missing; the tool does not use numpy, so the warning is noise.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+
+from convert.merge import MergeResult, merge  # noqa: E402
+from formats.errors import ConvertError  # noqa: E402
 
 __all__ = ["ConvertError", "MergeResult", "merge"]
 __version__ = "0.1.0"
