@@ -93,7 +93,7 @@ def exact_to_prescale(A: torch.Tensor, B: torch.Tensor, scaling: float) -> bool:
 
 
 def merged_tiles(
-    work: Work, parts: Factors | None, tile_elements: int, scratch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    work: Work, parts: Factors | None, tile_elements: int, scratch: tuple[torch.Tensor, ...]
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Output rows of one chunk, a cache-sized tile at a time: base rows (+ delta), rounded once.
 
@@ -167,9 +167,14 @@ class Worker:
     def __init__(self, writer: ShardWriter, device: torch.device, chunk_elements: int, row: int, tile: int):
         self.writer, self.device, self.tile = writer, device, tile
         # A chunk or tile may hold one row more than its budget (see row_chunks), and never fewer than two.
-        self.buffer = torch.empty(4 * max(chunk_elements + row, 3 * row), dtype=torch.uint8)
-        scratch_elements = max(tile + row, 3 * row)
-        self.scratch = tuple(torch.empty(scratch_elements, device=device) for _ in range(3))
+        # Buffers hold 8 bytes an element (the widest dtype); pages never touched cost no memory.
+        self.buffer = torch.empty(8 * max(chunk_elements + row, 3 * row), dtype=torch.uint8)
+        scratch = max(tile + row, 3 * row)
+        self.scratch = (
+            torch.empty(scratch, device=device),  # fp32 base + delta
+            torch.empty(scratch, device=device),  # fp32 delta
+            torch.empty(8 * scratch, dtype=torch.uint8, device=device),  # output tile, any dtype
+        )
         self.factors: tuple[str, Factors | None] = ("", None)
 
     def run(self, job: Work) -> int:

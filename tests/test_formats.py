@@ -163,3 +163,17 @@ def test_side_files_and_model_card(tiny_llama, tmp_path):
     assert (out / "generation_config.json").exists() and not (out / "notes.txt").exists()
     card = (out / "README.md").read_text()
     assert "base_model_relation: merge" in card and "base_model:" in card and "adapter" in card
+
+
+def test_bin_base_with_wide_and_integer_tensors_is_rewritten(tmp_path):
+    """A .bin base (no byte copies possible) with float64 and int64 tensors goes through the compute path."""
+    state = {"a.weight": torch.randn(300, 7, dtype=torch.float64), "b.ids": torch.arange(1000, dtype=torch.int64)}
+    (tmp_path / "bin").mkdir()
+    torch.save(state, tmp_path / "bin" / "pytorch_model.bin")
+    (tmp_path / "bin" / "config.json").write_text("{}")
+    with pytest.raises(ConvertError, match="config.json: missing"):
+        merge(tmp_path / "bin", None, tmp_path / "out", device="cpu")
+    (tmp_path / "bin" / "config.json").write_text('{"model_type": "none"}')
+    merge(tmp_path / "bin", None, tmp_path / "out", device="cpu", chunk_size=4 * 7 * 10)
+    out = load_output(tmp_path / "out")
+    assert out.keys() == state.keys() and all(torch.equal(out[k], state[k]) for k in state)
