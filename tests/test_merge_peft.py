@@ -156,7 +156,10 @@ def test_output_dtype(dtype, tiny_llama, tmp_path) -> None:
 
 
 def test_chunked_rows_and_shards_match_unchunked(tiny_llama, tmp_path) -> None:
-    """Tiny chunks and shards give the same bytes as one chunk and one file; transformers loads the index."""
+    """Tiny chunks and shards give the values of one chunk and one file; transformers loads the index.
+
+    Not the same bytes: the BLAS picks its GEMM kernel by row count, and on some CPUs a 2-row product
+    sums the rank terms in another order than the whole matrix's (at most an ulp or two of fp32)."""
     base, adapter = tiny_llama
     merge(base, adapter, tmp_path / "whole", device="cpu")
     result = merge(base, adapter, tmp_path / "chunked", chunk_size=4 * 32 * 3, max_shard_size="20KB", device="cpu")
@@ -164,7 +167,9 @@ def test_chunked_rows_and_shards_match_unchunked(tiny_llama, tmp_path) -> None:
     assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     assert all(p.stat().st_size <= 20_000 + 2_000 for p in (tmp_path / "chunked").glob("*.safetensors"))
     whole, chunked = load_output(tmp_path / "whole"), load_output(tmp_path / "chunked")
-    assert whole.keys() == chunked.keys() and all(torch.equal(whole[k], chunked[k]) for k in whole)
+    assert whole.keys() == chunked.keys()
+    for name, tensor in whole.items():
+        torch.testing.assert_close(chunked[name], tensor, rtol=2.5e-7, atol=0, msg=name)
     assert "model.safetensors.index.json" in result.files
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "chunked")
     torch.testing.assert_close(logits(loaded), logits(peft_model(base, adapter, torch.float32)), atol=1e-5, rtol=0)
