@@ -8,6 +8,8 @@ Supported layouts, in the order transformers itself prefers them:
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +29,17 @@ class Checkpoint:
     files: list[Path]
 
 
-def open_checkpoint(directory: str | Path) -> Checkpoint:
+@dataclass(frozen=True)
+class ShardFiles:
+    """How a checkpoint's weight files are found and their headers read: on disk by default. The Hub
+    source (``formats.hub``) reads headers of shards it has not downloaded yet, with range requests,
+    so that a model is planned before its shards are fetched."""
+
+    is_file: Callable[[Path], bool] = Path.is_file
+    read_header: Callable[[Path], tuple[dict[str, TensorInfo], dict[str, str]]] = read_header
+
+
+def open_checkpoint(directory: str | Path, shards: ShardFiles = ShardFiles()) -> Checkpoint:
     directory = Path(directory)
     if not directory.is_dir():
         raise ConvertError(f"{directory}: base model directory does not exist")
@@ -37,12 +49,12 @@ def open_checkpoint(directory: str | Path) -> Checkpoint:
         ("pytorch_model.bin.index.json", "pytorch_model.bin", _bin_tensors),
     ):
         if (directory / index_name).exists():
-            files = _index_files(directory, index_name)
-        elif (directory / single_name).exists():
+            files = _index_files(directory, index_name, shards.is_file)
+        elif shards.is_file(directory / single_name):
             files = [directory / single_name]
         else:
             continue
-        return Checkpoint(directory, config, loader(files, directory, index_name), files)
+        return Checkpoint(directory, config, loader(files, directory, index_name, shards.read_header), files)
     raise ConvertError(f"{directory}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin found")
 
 
@@ -58,21 +70,22 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def _index_files(directory: Path, index_name: str) -> list[Path]:
+def _index_files(directory: Path, index_name: str, is_file: Callable[[Path], bool]) -> list[Path]:
     """Shard files named by an index, refusing any that would leave the directory."""
     index_path = directory / index_name
     weight_map = read_json(index_path).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise ConvertError(f"{index_path}: missing or empty 'weight_map'")
-    root = directory.resolve()
+    # Checked lexically, not resolved: the shards of a Hub cache snapshot are symlinks into its blobs/.
+    root = Path(os.path.normpath(directory.absolute()))
     files: dict[str, Path] = {}
     for tensor, name in weight_map.items():
         if name in files:
             continue
         path = directory / str(name)
-        if Path(str(name)).is_absolute() or root not in path.resolve().parents:
+        if Path(str(name)).is_absolute() or root not in Path(os.path.normpath(path.absolute())).parents:
             raise ConvertError(f"{index_path}: tensor '{tensor}': shard '{name}' lies outside the model directory")
-        if not path.is_file():
+        if not is_file(path):
             raise ConvertError(f"{index_path}: tensor '{tensor}': shard file '{name}' is missing")
         files[name] = path
     return [files[n] for n in sorted(files)]
@@ -86,10 +99,12 @@ def _check_index(directory: Path, index_name: str, tensors: dict[str, TensorInfo
             raise ConvertError(f"{directory / index_name}: tensor '{name}': not found in shard '{shard}'")
 
 
-def _safetensors_tensors(files: list[Path], directory: Path, index_name: str) -> dict[str, TensorInfo]:
+def _safetensors_tensors(
+    files: list[Path], directory: Path, index_name: str, read: Callable = read_header
+) -> dict[str, TensorInfo]:
     tensors: dict[str, TensorInfo] = {}
     for path in files:
-        for name, info in read_header(path)[0].items():
+        for name, info in read(path)[0].items():
             if name in tensors:
                 raise ConvertError(f"{path}: tensor '{name}': also stored in {tensors[name].path.name}")
             tensors[name] = info
@@ -98,7 +113,9 @@ def _safetensors_tensors(files: list[Path], directory: Path, index_name: str) ->
     return tensors
 
 
-def _bin_tensors(files: list[Path], directory: Path, index_name: str) -> dict[str, TensorInfo]:
+def _bin_tensors(
+    files: list[Path], directory: Path, index_name: str, _read: Callable | None = None
+) -> dict[str, TensorInfo]:
     tensors: dict[str, TensorInfo] = {}
     for path in files:
         for name, t in load_bin(path).items():

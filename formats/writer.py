@@ -13,6 +13,7 @@ import math
 import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,12 +90,26 @@ class ShardWriter:
     plan, so a tensor (or a row range of it) can be written as soon as it is
     computed, by whichever worker computed it. ``finish`` checks that every
     tensor got exactly its bytes and writes the index.
+
+    ``on_shard_done(file_name)`` is called (from the writing thread) as soon as
+    every byte of a shard is in its file, so that a sink such as a Hub upload can
+    take the shard while the next one is being computed.
     """
 
-    def __init__(self, out_dir: Path, tensors: list[PlannedTensor], max_shard_size: int):
+    def __init__(
+        self,
+        out_dir: Path,
+        tensors: list[PlannedTensor],
+        max_shard_size: int,
+        on_shard_done: Callable[[str], None] | None = None,
+    ):
         self.out_dir = out_dir
         self.shards = plan_shards(tensors, max_shard_size)
         self.names = shard_names(len(self.shards))
+        self.on_shard_done = on_shard_done
+        self._shard_of = {t.name: i for i, shard in enumerate(self.shards) for t in shard}
+        self._left = [sum(t.nbytes for t in shard) for shard in self.shards]  # bytes not yet in each shard
+        self._reported: set[int] = set()
         self._where: dict[str, tuple[int, int, int]] = {}  # name -> (fd, absolute offset, nbytes)
         self._written: dict[str, int] = {}
         self._ranges: dict[str, list[tuple[int, int]]] = {}
@@ -132,6 +147,7 @@ class ShardWriter:
         view = byte_view(data)
         self._claim(name, offset, len(view))
         _pwrite_all(fd, view, start + offset)
+        self._landed(name, len(view))
 
     def copy(self, name: str, source: TensorInfo) -> None:
         """Copy a tensor's bytes file-to-file without reading them into this process."""
@@ -151,6 +167,18 @@ class ShardWriter:
                         raise ConvertError(f"{source.path}: tensor '{source.name}': file ended early (truncated)")
                     n = _pwrite_all(fd, memoryview(chunk), dst + done)
                 done += n
+        self._landed(name, nbytes)
+
+    def _landed(self, name: str, n: int) -> None:
+        """Count ``n`` bytes of tensor ``name`` as being in their file; report the shard once all of it is."""
+        with self._lock:
+            shard = self._shard_of[name]
+            self._left[shard] -= n
+            complete = self._left[shard] == 0 and shard not in self._reported
+            if complete:
+                self._reported.add(shard)
+        if complete and self.on_shard_done is not None:
+            self.on_shard_done(self.names[shard])
 
     def close(self) -> None:
         for fd in self._fds:
@@ -163,6 +191,10 @@ class ShardWriter:
         for name, (_, _, nbytes) in self._where.items():
             if self._written[name] != nbytes:
                 raise RuntimeError(f"output incomplete: tensor '{name}' got {self._written[name]} of {nbytes} bytes")
+        for shard, name in enumerate(self.names):  # shards of empty tensors only: no write ever completed them
+            if shard not in self._reported and self.on_shard_done is not None:
+                self._reported.add(shard)
+                self.on_shard_done(name)
         if len(self.shards) > 1:
             weight_map = {t.name: name for shard, name in zip(self.shards, self.names, strict=True) for t in shard}
             total = sum(nbytes for _, _, nbytes in self._where.values())
