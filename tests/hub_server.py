@@ -32,6 +32,7 @@ class Repo:
     gated: bool = False
     branches: dict[str, str] = field(default_factory=dict)  # branch -> commit id
     commits: dict[str, dict[str, bytes]] = field(default_factory=dict)  # commit id -> files
+    messages: dict[str, str] = field(default_factory=dict)  # commit id -> summary
 
 
 class HubError(Exception):
@@ -82,14 +83,14 @@ class FakeHub:
             if m == method and re.search(pattern, path) and (ranged is None or ranged == bool(range_))
         ]
 
-    def _commit(self, repo_id: str, branch: str, files: dict[str, bytes]) -> str:
+    def _commit(self, repo_id: str, branch: str, files: dict[str, bytes], message: str = "initial commit") -> str:
         repo = self.repos[repo_id]
         parent = repo.branches.get(branch, "")
         digest = hashlib.sha1(parent.encode())
         for name in sorted(files):
             digest.update(name.encode() + hashlib.sha256(files[name]).digest())
         commit = digest.hexdigest()
-        repo.commits[commit], repo.branches[branch] = files, commit
+        repo.commits[commit], repo.branches[branch], repo.messages[commit] = files, commit, message
         return commit
 
     def _resolve(self, repo_id: str, revision: str, user: str | None, reading: bool = True) -> tuple[Repo, str]:
@@ -306,11 +307,13 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
         def commit(self, repo: str, rev: str, user: str | None) -> None:
             self.need_writer(user)
             info, commit = hub._resolve(repo, rev, user)
-            files = dict(info.commits[commit])
+            files, summary = dict(info.commits[commit]), ""
             for line in self.body().splitlines():
                 item = json.loads(line)
                 value = item["value"]
-                if item["key"] == "file":
+                if item["key"] == "header":
+                    summary = value["summary"]
+                elif item["key"] == "file":
                     files[value["path"]] = base64.b64decode(value["content"])
                 elif item["key"] == "lfsFile":
                     if value["oid"] not in hub.lfs:
@@ -318,7 +321,7 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                     files[value["path"]] = hub.lfs[value["oid"]]
                 elif item["key"] == "deletedFile":
                     files.pop(value["path"], None)
-            new = hub._commit(repo, rev, files)
+            new = hub._commit(repo, rev, files, summary)
             self.json({"commitUrl": f"{hub.url}/{repo}/commit/{new}", "commitOid": new, "success": True})
 
         def validate_yaml(self, user: str | None) -> None:

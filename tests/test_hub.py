@@ -24,6 +24,8 @@ from tests.hub_server import FakeHub
 merge_module = sys.modules["convert.merge"]  # the package's `merge` attribute is the function
 TOKEN = "hf_test_secret_token_0123456789"
 SHARD = "30KB"  # tiny llama (~100 KB in fp32): several shards in and out
+FROM_HUB = ("--base", "org/base", "--adapter", "org/adapter", "--max-shard-size", SHARD)
+GITATTRIBUTES = {".gitattributes": b"*.safetensors filter=lfs\n"}  # what a new repo on the Hub holds
 
 
 @pytest.fixture
@@ -94,7 +96,7 @@ def wait_for(condition, seconds: float = 10.0) -> bool:
 def test_merge_from_repo_ids_equals_local_merge(models, hub, tmp_path):
     base, adapter = models
     local = merge_locally(base, adapter, tmp_path / "local")
-    run("--base", "org/base", "--adapter", "org/adapter", "--out", str(tmp_path / "out"), "--max-shard-size", SHARD)
+    run(*FROM_HUB, "--out", str(tmp_path / "out"))
     remote = tree(tmp_path / "out")
     card = remote["README.md"].decode()
     assert without_card(remote) == without_card(local) and len(local) > 4
@@ -129,17 +131,7 @@ def test_shard_k_plus_1_downloads_while_k_merges_and_no_keep_downloads_deletes_t
 
     monkeypatch.setattr(merge_module, "run_plan", observed_run_plan)
     out = tmp_path / "out"
-    run(
-        "--base",
-        "org/base",
-        "--adapter",
-        "org/adapter",
-        "--out",
-        str(out),
-        "--max-shard-size",
-        SHARD,
-        "--no-keep-downloads",
-    )
+    run(*FROM_HUB, "--out", str(out), "--no-keep-downloads")
     assert tree(out).keys() == local.keys() and without_card(tree(out)) == without_card(local)
     assert len(present) == len(shards) and overlapped == [True] * (len(shards) - 1)
     assert max(len(p) for p in present) <= 2  # disk holds the shard being merged and the next one
@@ -171,29 +163,15 @@ def test_writer_reports_each_shard_when_its_last_byte_is_written(tmp_path):
 def test_push_uploads_each_shard_and_commits_once(models, hub, tmp_path):
     base, adapter = models
     out = tmp_path / "out"
-    run(
-        "--base",
-        str(base),
-        "--adapter",
-        str(adapter),
-        "--out",
-        str(out),
-        "--max-shard-size",
-        SHARD,
-        "--push-to-hub",
-        "alice/merged",
-        "--private",
-        "--token",
-        TOKEN,
-        "--commit-message",
-        "merged by a test",
-    )
+    push = ("--push-to-hub", "alice/merged", "--private", "--token", TOKEN, "--commit-message", "merged by a test")
+    run("--base", str(base), "--adapter", str(adapter), "--out", str(out), "--max-shard-size", SHARD, *push)
     files = tree(out)
-    assert hub.files("alice/merged") == {**files, ".gitattributes": b"*.safetensors filter=lfs\n"}
+    assert hub.files("alice/merged") == {**files, **GITATTRIBUTES}
     shards = [n for n in files if n.endswith(".safetensors")]
     assert len(shards) >= 3 and len(hub.requests("PUT", "/lfs-upload/")) == len(shards)
-    assert len(hub.requests("POST", "/commit/")) == 1 and len(hub.repos["alice/merged"].commits) == 2
-    assert hub.repos["alice/merged"].private
+    repo = hub.repos["alice/merged"]
+    assert len(hub.requests("POST", "/commit/")) == 1 and len(repo.commits) == 2
+    assert repo.private and repo.messages[repo.branches["main"]] == "merged by a test"
 
 
 def test_push_to_branch_with_token_from_environment(models, hub, tmp_path, monkeypatch):
@@ -208,31 +186,18 @@ def test_push_to_branch_with_token_from_environment(models, hub, tmp_path, monke
         "--out",
         str(out),
         "--push-to-hub",
-        "alice/merged",
+        "alice/m",
         "--push-revision",
         "v1",
     )
-    assert hub.files("alice/merged", "v1") == {**tree(out), ".gitattributes": b"*.safetensors filter=lfs\n"}
-    assert set(hub.files("alice/merged", "main")) == {".gitattributes"}
+    assert hub.files("alice/m", "v1") == {**tree(out), **GITATTRIBUTES}
+    assert set(hub.files("alice/m", "main")) == {".gitattributes"}
 
 
 def test_upload_cut_mid_way_then_retry_uploads_only_the_rest(models, hub, tmp_path):
     base, adapter = models
     out = tmp_path / "out"
-    args = [
-        "--base",
-        "org/base",
-        "--adapter",
-        "org/adapter",
-        "--out",
-        str(out),
-        "--max-shard-size",
-        SHARD,
-        "--push-to-hub",
-        "alice/merged",
-        "--token",
-        TOKEN,
-    ]
+    args = [*FROM_HUB, "--out", str(out), "--push-to-hub", "alice/merged", "--token", TOKEN]
     hub.uploads_before_outage = 1  # the first shard goes through, the network fails during the second
     message = run(*args, code=2)
     assert message.startswith("error: alice/merged (uploading model-") and "\n" not in message
@@ -250,7 +215,7 @@ def test_upload_cut_mid_way_then_retry_uploads_only_the_rest(models, hub, tmp_pa
     files = tree(out)
     shards = [n for n in files if n.endswith(".safetensors")]
     assert len(retried) == len(shards) - 1 and f"/lfs-upload/{kept}" not in retried
-    assert hub.files("alice/merged") == {**files, ".gitattributes": b"*.safetensors filter=lfs\n"}
+    assert hub.files("alice/merged") == {**files, **GITATTRIBUTES}
     local = merge_locally(base, adapter, tmp_path / "local")
     assert without_card(files) == without_card(local)
 
