@@ -178,18 +178,8 @@ def test_push_to_branch_with_token_from_environment(models, hub, tmp_path, monke
     base, adapter = models
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     out = tmp_path / "out"
-    run(
-        "--base",
-        str(base),
-        "--adapter",
-        str(adapter),
-        "--out",
-        str(out),
-        "--push-to-hub",
-        "alice/m",
-        "--push-revision",
-        "v1",
-    )
+    inputs = ("--base", str(base), "--adapter", str(adapter))
+    run(*inputs, "--out", str(out), "--push-to-hub", "alice/m", "--push-revision", "v1")
     assert hub.files("alice/m", "v1") == {**tree(out), **GITATTRIBUTES}
     assert set(hub.files("alice/m", "main")) == {".gitattributes"}
 
@@ -261,3 +251,37 @@ def test_gated_repo_with_token(models, hub, tmp_path):
     )
     local = merge_locally(base, adapter, tmp_path / "local")
     assert without_card(tree(out)) == without_card(local)
+
+
+def test_bin_base_and_adapter_from_repos_pinned_at_a_commit(hub, tmp_path):
+    """Pickled checkpoints have no remote header: they are downloaded whole (weights_only) and merged the same."""
+    import torch
+
+    from tests.conftest import load_output
+
+    base = make_base(tmp_path / "base", "llama")
+    adapter = make_adapter(tmp_path / "adapter", base, safe=False, r=4, lora_alpha=8, target_modules="all-linear")
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    torch.save(load_output(base), legacy / "pytorch_model.bin")
+    (legacy / "config.json").write_text((base / "config.json").read_text())
+    commit = hub.add_repo("org/legacy", tree(legacy))
+    hub._commit("org/legacy", "main", {**tree(legacy), "config.json": b"not json"})  # main moved on, and broke
+    hub.add_repo("org/bin-adapter", tree(adapter))
+    local = merge_locally(legacy, adapter, tmp_path / "local")
+    out = tmp_path / "out"
+    run("--base", f"org/legacy@{commit}", "--adapter", "org/bin-adapter", "--out", str(out), "--max-shard-size", SHARD)
+    assert without_card(tree(out)) == without_card(local)
+    assert hub.requests("GET", f"/org/legacy/resolve/{commit}/pytorch_model.bin$", ranged=False)
+
+
+def test_push_files_streams_any_directory(hub, tmp_path):
+    """The push API other commands use: a directory and the names of its files as they are completed."""
+    from convert.push import HubTarget, push_files
+
+    files = {"model.safetensors": b"\x08" + bytes(8000), "config.json": b"{}", "README.md": b"# card\n"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    url = push_files(HubTarget("alice/files"), tmp_path, iter(files), "three files", token=TOKEN)
+    assert hub.files("alice/files") == {**files, **GITATTRIBUTES} and url.startswith(hub.url)
+    assert len(hub.requests("PUT", "/lfs-upload/")) == 1  # the safetensors file went through LFS, the rest inline
