@@ -106,7 +106,7 @@ def merge(
     try:
         upload = Upload(push_to_hub, tmp, token) if push_to_hub else None
         on_shard = upload.file_done if upload else None
-        writer = ShardWriter(tmp, [t.planned for t in plan.tensors], shard_bytes, on_shard)
+        writer = ShardWriter(tmp, [t.planned for t in plan.tensors], shard_bytes, on_shard_done=on_shard)
         total = sum(t.planned.nbytes for t in plan.tensors)
         show = not quiet and sys.stderr.isatty()
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not show, desc="merge") as bar:

@@ -8,15 +8,17 @@ Supported layouts, in the order transformers itself prefers them:
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from formats.errors import ConvertError
 from formats.safetensors_file import DTYPE_NAMES, TensorInfo, read_header
+
+INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 @dataclass
@@ -45,16 +47,18 @@ def open_checkpoint(directory: str | Path, shards: ShardFiles = ShardFiles()) ->
         raise ConvertError(f"{directory}: base model directory does not exist")
     config = read_json(directory / "config.json") if (directory / "config.json").exists() else {}
     for index_name, single_name, loader in (
-        ("model.safetensors.index.json", "model.safetensors", _safetensors_tensors),
+        ("model.safetensors.index.json", "model.safetensors", partial(_safetensors_tensors, read=shards.read_header)),
         ("pytorch_model.bin.index.json", "pytorch_model.bin", _bin_tensors),
     ):
         if (directory / index_name).exists():
             files = _index_files(directory, index_name, shards.is_file)
         elif shards.is_file(directory / single_name):
             files = [directory / single_name]
+            if not inside_model_dir(directory, single_name):
+                raise ConvertError(f"{files[0]}: a symbolic link that leaves the model directory")
         else:
             continue
-        return Checkpoint(directory, config, loader(files, directory, index_name, shards.read_header), files)
+        return Checkpoint(directory, config, loader(files, directory, index_name), files)
     raise ConvertError(f"{directory}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin found")
 
 
@@ -70,25 +74,36 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def _index_files(directory: Path, index_name: str, is_file: Callable[[Path], bool]) -> list[Path]:
+def _index_files(directory: Path, index_name: str, is_file: Callable[[Path], bool] = Path.is_file) -> list[Path]:
     """Shard files named by an index, refusing any that would leave the directory."""
     index_path = directory / index_name
     weight_map = read_json(index_path).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise ConvertError(f"{index_path}: missing or empty 'weight_map'")
-    # Checked lexically, not resolved: the shards of a Hub cache snapshot are symlinks into its blobs/.
-    root = Path(os.path.normpath(directory.absolute()))
     files: dict[str, Path] = {}
     for tensor, name in weight_map.items():
         if name in files:
             continue
         path = directory / str(name)
-        if Path(str(name)).is_absolute() or root not in Path(os.path.normpath(path.absolute())).parents:
+        if not inside_model_dir(directory, str(name)):
             raise ConvertError(f"{index_path}: tensor '{tensor}': shard '{name}' lies outside the model directory")
         if not is_file(path):
             raise ConvertError(f"{index_path}: tensor '{tensor}': shard file '{name}' is missing")
         files[name] = path
     return [files[n] for n in sorted(files)]
+
+
+def inside_model_dir(directory: Path, name: str) -> bool:
+    """Whether file ``name`` of a model directory stays inside it: no absolute path, no ``..``, no
+    symbolic link that leaves it. The one exception is the Hugging Face cache's own layout, where
+    ``snapshots/<rev>/<file>`` links to ``../../blobs/<sha>`` of the same repository."""
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        return False
+    root = directory.resolve()
+    target = (directory / name).resolve()
+    if root in target.parents:
+        return True
+    return root.parent.name == "snapshots" and target.parent == root.parent.parent / "blobs"
 
 
 def _check_index(directory: Path, index_name: str, tensors: dict[str, TensorInfo]) -> None:
@@ -113,9 +128,7 @@ def _safetensors_tensors(
     return tensors
 
 
-def _bin_tensors(
-    files: list[Path], directory: Path, index_name: str, _read: Callable | None = None
-) -> dict[str, TensorInfo]:
+def _bin_tensors(files: list[Path], directory: Path, index_name: str) -> dict[str, TensorInfo]:
     tensors: dict[str, TensorInfo] = {}
     for path in files:
         for name, t in load_bin(path).items():

@@ -32,7 +32,7 @@ from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_st
 from formats.checkpoint import Checkpoint, ShardFiles, open_checkpoint, read_json
 from formats.errors import ConvertError
 from formats.hf_files import SIDE_FILES
-from formats.safetensors_file import TensorInfo, header_length, parse_header, read_header
+from formats.safetensors_file import TensorInfo, read_header
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_]")
 HEADER_PROBE = 100_000  # first bytes fetched: most headers fit (as in huggingface_hub's get_safetensors_metadata)
@@ -229,8 +229,8 @@ class HubModel:
 
 def files_read_by(obj: object) -> set[Path]:
     """Every file a plan entry reads: the paths of the ``TensorInfo``s anywhere inside it."""
-    if isinstance(obj, TensorInfo):
-        return {obj.path}
+    if isinstance(obj, TensorInfo):  # a quantized weight also reads its quantization state
+        return {obj.path} | files_read_by(getattr(obj, "quantized", None))
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return set().union(*(files_read_by(getattr(obj, f.name)) for f in dataclasses.fields(obj)))
     if isinstance(obj, dict):
@@ -279,10 +279,10 @@ def open_hub_model(spec: str, revision: str | None, token: str | None, keep_down
         raise ConvertError(f"{repo_id}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
     small = ["config.json", *(n for n in SIDE_FILES if n in files), *([index] if index else [])]
     directory = download(repo_id, commit, small, token)
-    if (index or single).startswith("pytorch_model"):
-        # Pickles have no header to read remotely: they are fetched whole before planning.
-        bins = json_weight_files(directory / index) if index else [single]
-        download(repo_id, commit, bins, token)
+    if (index or single).startswith("pytorch_model") or "quantization_config" in read_json(directory / "config.json"):
+        # Pickles have no header to read remotely, and planning a quantized base reads its quantization
+        # state from the shards: these are downloaded whole before planning.
+        download(repo_id, commit, json_weight_files(directory / index) if index else [single], token)
         return HubModel(repo_id, commit, directory, open_checkpoint(directory), token, keep_downloads)
 
     def is_file(path: Path) -> bool:
@@ -293,14 +293,8 @@ def open_hub_model(spec: str, revision: str | None, token: str | None, keep_down
             return read_header(path)
         size = files.get(path.name)
         if size is None:
-            raise ConvertError(f"{repo_id}: {path.name}: the Hub does not report its size")
-        with hub_errors(repo_id, f"/{path.name}", token):
-            head = fetch_range(repo_id, path.name, commit, token, 0, min(HEADER_PROBE, size) - 1)
-            length = header_length(path, head, size)
-            raw = head[8 : 8 + length]
-            if len(raw) < length:
-                raw += fetch_range(repo_id, path.name, commit, token, 8 + len(raw), 7 + length)
-        return parse_header(path, raw, size)
+            raise ConvertError(f"{repo_id}/{path.name}: the Hub does not report the file's size")
+        return read_header(path, RemoteFile(repo_id, path.name, commit, token, size).read_at, size)
 
     checkpoint = open_checkpoint(directory, ShardFiles(is_file, remote_header))
     return HubModel(repo_id, commit, directory, checkpoint, token, keep_downloads)
@@ -313,12 +307,32 @@ def json_weight_files(index: Path) -> list[str]:
     return sorted({str(v) for v in weight_map.values()})
 
 
-def fetch_range(repo_id: str, name: str, commit: str, token: str | None, first: int, last: int) -> bytes:
-    """Bytes [first, last] of a file at a commit, as huggingface_hub's own safetensors metadata reader asks them."""
-    url = hf_hub_url(repo_id, name, revision=commit)
-    response = get_session().get(url, headers={**build_hf_headers(token=token), "range": f"bytes={first}-{last}"})
-    hf_raise_for_status(response)
-    return response.content
+@dataclasses.dataclass
+class RemoteFile:
+    """A file of a repo at a commit, read by range requests as huggingface_hub's own safetensors metadata
+    reader does: the first ``HEADER_PROBE`` bytes at once (most headers fit), anything further on demand."""
+
+    repo_id: str
+    name: str
+    commit: str
+    token: str | None
+    size: int
+    probe: bytes | None = None
+
+    def read_at(self, offset: int, n: int) -> bytes:
+        if self.probe is None:
+            self.probe = self.fetch(0, min(HEADER_PROBE, self.size))
+        if offset + n <= len(self.probe):
+            return self.probe[offset : offset + n]
+        return self.fetch(offset, n)
+
+    def fetch(self, offset: int, n: int) -> bytes:
+        url = hf_hub_url(self.repo_id, self.name, revision=self.commit)
+        headers = {**build_hf_headers(token=self.token), "range": f"bytes={offset}-{offset + n - 1}"}
+        with hub_errors(self.repo_id, f"/{self.name}", self.token):
+            response = get_session().get(url, headers=headers)
+            hf_raise_for_status(response)
+        return response.content
 
 
 def fetch_adapter(spec: str, revision: str | None, token: str | None) -> Path:
