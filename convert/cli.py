@@ -5,12 +5,10 @@ from __future__ import annotations
 import sys
 
 import click
-from huggingface_hub.utils import disable_progress_bars
-from huggingface_hub.utils import logging as hf_logging
 
+from convert.hub_options import hub_options
 from convert.merge import merge
 from convert.pipeline import DEFAULT_CHUNK_BYTES
-from convert.push import HubTarget
 from formats.errors import ConvertError
 
 
@@ -18,9 +16,6 @@ from formats.errors import ConvertError
 @click.version_option(package_name="ckpt-convert")
 def main() -> None:
     """Turn base model + adapter into one checkpoint, streamed, in bounded memory."""
-    # huggingface_hub's per-file bars and retry warnings would break up the tool's one bar and one-line errors.
-    hf_logging.set_verbosity_error()
-    disable_progress_bars()
 
 
 @main.command("merge")
@@ -75,29 +70,9 @@ def main() -> None:
     "--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty (only once the new one is complete)."
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
-@click.option(
-    "--revision",
-    metavar="REV",
-    help="Branch, tag or commit of --base/--adapter given as Hub repo ids (org/name@REV sets one input's).",
-)
-@click.option("--token", metavar="TOKEN", help="Hub token; default: HF_TOKEN or the saved login; never printed.")
-@click.option(
-    "--no-keep-downloads",
-    "keep_downloads",
-    flag_value=False,
-    default=True,
-    help="Delete each base shard downloaded from the Hub once it has been merged.",
-)
-@click.option("--push-to-hub", metavar="REPO", help="Also upload the output to this Hub repo (created if missing).")
-@click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
-@click.option("--push-revision", metavar="BRANCH", help="With --push-to-hub: commit to this branch (made if missing).")
-@click.option("--commit-message", metavar="TEXT", help="With --push-to-hub: the commit's message.")
-def merge_command(
-    base, adapter, out, dtype, device, max_shard_size, chunk_size, overwrite, quiet, **hub_options
-) -> None:
-    """Merge a LoRA adapter into its base model, as PEFT's merge_and_unload would.
-
-    BASE and ADAPTER are local directories or Hugging Face Hub repo ids (org/name)."""
+@hub_options
+def merge_command(base, adapter, out, dtype, device, max_shard_size, chunk_size, overwrite, quiet, **hub) -> None:
+    """Merge a LoRA adapter into its base model, as PEFT's merge_and_unload would."""
     try:
         result = merge(
             base,
@@ -109,21 +84,13 @@ def merge_command(
             chunk_size=chunk_size,
             overwrite=overwrite,
             quiet=quiet,
-            **hub_arguments(**hub_options),
+            **hub,
         )
     except ConvertError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     if not quiet:
         click.echo(result.summary())
-
-
-def hub_arguments(revision, token, keep_downloads, push_to_hub, private, push_revision, commit_message) -> dict:
-    """The Hub options of a command as keyword arguments of ``merge`` (and of other commands that push)."""
-    if not push_to_hub and (private or push_revision or commit_message):
-        raise click.UsageError("--private, --push-revision and --commit-message need --push-to-hub")
-    target = HubTarget(push_to_hub, private, push_revision, commit_message) if push_to_hub else None
-    return dict(revision=revision, token=token, keep_downloads=keep_downloads, push_to_hub=target)
 
 
 if __name__ == "__main__":

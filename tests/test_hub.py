@@ -285,3 +285,9 @@ def test_push_files_streams_any_directory(hub, tmp_path):
     url = push_files(HubTarget("alice/files"), tmp_path, iter(files), "three files", token=TOKEN)
     assert hub.files("alice/files") == {**files, **GITATTRIBUTES} and url.startswith(hub.url)
     assert len(hub.requests("PUT", "/lfs-upload/")) == 1  # the safetensors file went through LFS, the rest inline
+
+
+def test_push_options_need_push_to_hub(models, tmp_path):
+    base, adapter = models
+    result = CliRunner().invoke(main, ["merge", "--base", str(base), "--out", str(tmp_path / "o"), "--private"])
+    assert result.exit_code == 2 and "need --push-to-hub" in result.output and not (tmp_path / "o").exists()
