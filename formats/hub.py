@@ -36,8 +36,8 @@ from formats.safetensors_file import TensorInfo, read_header
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_]")
 HEADER_PROBE = 100_000  # first bytes fetched: most headers fit (as in huggingface_hub's get_safetensors_metadata)
-INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+# Weight layouts in the order transformers prefers them (as formats.checkpoint reads them).
+WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
@@ -273,16 +273,16 @@ def open_hub_model(spec: str, revision: str | None, token: str | None, keep_down
     commit, files = repo_files(repo_id, pinned or revision, token)
     if "config.json" not in files:
         raise ConvertError(f"{repo_id}: no config.json in the repository (not a transformers model)")
-    index = next((n for n in INDEXES if n in files), None)
-    single = next((n for n in SINGLE_FILES if n in files), None)
-    if index is None and single is None:
+    weights = next((n for n in WEIGHTS if n in files), None)
+    if weights is None:
         raise ConvertError(f"{repo_id}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+    index = weights if weights.endswith(".index.json") else None
     small = ["config.json", *(n for n in SIDE_FILES if n in files), *([index] if index else [])]
     directory = download(repo_id, commit, small, token)
-    if (index or single).startswith("pytorch_model") or "quantization_config" in read_json(directory / "config.json"):
+    if weights.startswith("pytorch_model") or "quantization_config" in read_json(directory / "config.json"):
         # Pickles have no header to read remotely, and planning a quantized base reads its quantization
         # state from the shards: these are downloaded whole before planning.
-        download(repo_id, commit, json_weight_files(directory / index) if index else [single], token)
+        download(repo_id, commit, json_weight_files(directory / index) if index else [weights], token)
         return HubModel(repo_id, commit, directory, open_checkpoint(directory), token, keep_downloads)
 
     def is_file(path: Path) -> bool:
