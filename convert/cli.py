@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from convert.hub_options import hub_options
 from convert.merge import merge
 from convert.pipeline import DEFAULT_CHUNK_BYTES
 from formats.errors import ConvertError
@@ -22,12 +23,13 @@ def main() -> None:
     "--base",
     required=True,
     metavar="DIR",
-    help="Base model directory: model.safetensors, sharded safetensors + index, or pytorch_model*.bin.",
+    help="Base model directory (model.safetensors, sharded safetensors + index, or pytorch_model*.bin), "
+    "or a Hub repo id org/name.",
 )
 @click.option(
     "--adapter",
     metavar="DIR",
-    help="PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors or .bin). "
+    help="PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors or .bin) or Hub repo id. "
     "Without it the base is only rewritten (resharded or cast).",
 )
 @click.option(
@@ -68,7 +70,8 @@ def main() -> None:
     "--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty (only once the new one is complete)."
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
-def merge_command(base, adapter, out, dtype, device, max_shard_size, chunk_size, overwrite, quiet) -> None:
+@hub_options
+def merge_command(base, adapter, out, dtype, device, max_shard_size, chunk_size, overwrite, quiet, **hub) -> None:
     """Merge a LoRA adapter into its base model, as PEFT's merge_and_unload would."""
     try:
         result = merge(
@@ -81,6 +84,7 @@ def merge_command(base, adapter, out, dtype, device, max_shard_size, chunk_size,
             chunk_size=chunk_size,
             overwrite=overwrite,
             quiet=quiet,
+            **hub,
         )
     except ConvertError as e:
         click.echo(f"error: {e}", err=True)

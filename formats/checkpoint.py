@@ -8,13 +8,17 @@ Supported layouts, in the order transformers itself prefers them:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from formats.errors import ConvertError
 from formats.safetensors_file import DTYPE_NAMES, TensorInfo, read_header
+
+INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 @dataclass
@@ -27,19 +31,31 @@ class Checkpoint:
     files: list[Path]
 
 
-def open_checkpoint(directory: str | Path) -> Checkpoint:
+@dataclass(frozen=True)
+class ShardFiles:
+    """How a checkpoint's weight files are found and their headers read: on disk by default. The Hub
+    source (``formats.hub``) reads headers of shards it has not downloaded yet, with range requests,
+    so that a model is planned before its shards are fetched."""
+
+    is_file: Callable[[Path], bool] = Path.is_file
+    read_header: Callable[[Path], tuple[dict[str, TensorInfo], dict[str, str]]] = read_header
+
+
+def open_checkpoint(directory: str | Path, shards: ShardFiles = ShardFiles()) -> Checkpoint:
     directory = Path(directory)
     if not directory.is_dir():
         raise ConvertError(f"{directory}: base model directory does not exist")
     config = read_json(directory / "config.json") if (directory / "config.json").exists() else {}
     for index_name, single_name, loader in (
-        ("model.safetensors.index.json", "model.safetensors", _safetensors_tensors),
+        ("model.safetensors.index.json", "model.safetensors", partial(_safetensors_tensors, read=shards.read_header)),
         ("pytorch_model.bin.index.json", "pytorch_model.bin", _bin_tensors),
     ):
         if (directory / index_name).exists():
-            files = _index_files(directory, index_name)
-        elif (directory / single_name).exists():
+            files = _index_files(directory, index_name, shards.is_file)
+        elif shards.is_file(directory / single_name):
             files = [directory / single_name]
+            if not inside_model_dir(directory, single_name):
+                raise ConvertError(f"{files[0]}: a symbolic link that leaves the model directory")
         else:
             continue
         return Checkpoint(directory, config, loader(files, directory, index_name), files)
@@ -58,24 +74,36 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def _index_files(directory: Path, index_name: str) -> list[Path]:
+def _index_files(directory: Path, index_name: str, is_file: Callable[[Path], bool] = Path.is_file) -> list[Path]:
     """Shard files named by an index, refusing any that would leave the directory."""
     index_path = directory / index_name
     weight_map = read_json(index_path).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise ConvertError(f"{index_path}: missing or empty 'weight_map'")
-    root = directory.resolve()
     files: dict[str, Path] = {}
     for tensor, name in weight_map.items():
         if name in files:
             continue
         path = directory / str(name)
-        if Path(str(name)).is_absolute() or root not in path.resolve().parents:
+        if not inside_model_dir(directory, str(name)):
             raise ConvertError(f"{index_path}: tensor '{tensor}': shard '{name}' lies outside the model directory")
-        if not path.is_file():
+        if not is_file(path):
             raise ConvertError(f"{index_path}: tensor '{tensor}': shard file '{name}' is missing")
         files[name] = path
     return [files[n] for n in sorted(files)]
+
+
+def inside_model_dir(directory: Path, name: str) -> bool:
+    """Whether file ``name`` of a model directory stays inside it: no absolute path, no ``..``, no
+    symbolic link that leaves it. The one exception is the Hugging Face cache's own layout, where
+    ``snapshots/<rev>/<file>`` links to ``../../blobs/<sha>`` of the same repository."""
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        return False
+    root = directory.resolve()
+    target = (directory / name).resolve()
+    if root in target.parents:
+        return True
+    return root.parent.name == "snapshots" and target.parent == root.parent.parent / "blobs"
 
 
 def _check_index(directory: Path, index_name: str, tensors: dict[str, TensorInfo]) -> None:
@@ -86,10 +114,12 @@ def _check_index(directory: Path, index_name: str, tensors: dict[str, TensorInfo
             raise ConvertError(f"{directory / index_name}: tensor '{name}': not found in shard '{shard}'")
 
 
-def _safetensors_tensors(files: list[Path], directory: Path, index_name: str) -> dict[str, TensorInfo]:
+def _safetensors_tensors(
+    files: list[Path], directory: Path, index_name: str, read: Callable = read_header
+) -> dict[str, TensorInfo]:
     tensors: dict[str, TensorInfo] = {}
     for path in files:
-        for name, info in read_header(path)[0].items():
+        for name, info in read(path)[0].items():
             if name in tensors:
                 raise ConvertError(f"{path}: tensor '{name}': also stored in {tensors[name].path.name}")
             tensors[name] = info

@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+from huggingface_hub import ModelCard, ModelCardData
+
 # Copied as they are, from the base and then from the adapter (which wins: training
 # may have added tokens or a chat template).
 SIDE_FILES = (
@@ -45,25 +47,30 @@ def write_config(config: dict, out_dir: Path, dtype: str | None, updates: dict) 
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def write_model_card(out_dir: Path, base: str, adapter: str, settings: dict[str, str]) -> None:
-    lines = [
-        "---",
-        f"base_model: {json.dumps(base)}",
-        "base_model_relation: merge",
-        "library_name: transformers",
-        "tags:",
-        "- merge",
-        "- lora",
-        "---",
+def write_model_card(
+    out_dir: Path, base: str, adapter: str | None, settings: dict[str, str], relation: str = "merge"
+) -> None:
+    """README.md with the Hub's model-card metadata: ``base_model`` + ``base_model_relation`` put the model
+    in its base's model tree, and ``library_name`` lets the Hub show how to load it."""
+    tags = ["ckpt-convert", *(["merge", "lora"] if adapter else []), *([relation] if relation == "quantized" else [])]
+    data = ModelCardData(base_model=base, base_model_relation=relation, library_name="transformers", tags=tags)
+    if adapter:
+        made = f"the base model {link(base)} with the LoRA adapter {link(adapter)} merged into its weights"
+    else:
+        made = f"the model {link(base)}, converted"
+    body = [
+        "# Merged model" if adapter else "# Converted model",
         "",
-        "# Merged model",
-        "",
-        f"This checkpoint is the base model `{base}` with the LoRA adapter `{adapter}` merged into its weights",
-        "by ckpt-convert (`convert merge`).",
+        f"This checkpoint is {made}, by ckpt-convert (`convert merge`).",
         "",
         "| setting | value |",
         "|---|---|",
         *(f"| {k} | `{v}` |" for k, v in settings.items()),
         "",
     ]
-    (out_dir / "README.md").write_text("\n".join(lines))
+    ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)).save(out_dir / "README.md")
+
+
+def link(name: str) -> str:
+    """A Hub link for a repo id, plain code for anything else (a local directory's name)."""
+    return f"[{name}](https://huggingface.co/{name})" if "/" in name else f"`{name}`"

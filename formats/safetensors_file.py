@@ -17,7 +17,9 @@ import json
 import math
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -78,23 +80,28 @@ class TensorInfo:
         return self.nbytes // self.rows if self.rows else 0
 
 
-def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and validate a safetensors header; return its tensors (in file order) and metadata."""
+def read_header(
+    path: Path, read_at: Callable[[int, int], bytes] | None = None, size: int = 0
+) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header; return its tensors (in file order) and metadata.
+
+    ``read_at(offset, n)`` and ``size`` read a file that is not on disk yet: the Hub source
+    (``formats.hub``) answers them with range requests, for a shard it will download later."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ConvertError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-            (header_len,) = struct.unpack("<Q", head)
-            if header_len > MAX_HEADER_BYTES:
-                raise ConvertError(f"{path}: safetensors header claims {header_len} bytes (limit {MAX_HEADER_BYTES})")
-            if 8 + header_len > size:
-                raise ConvertError(
-                    f"{path}: truncated or corrupt safetensors file: header of {header_len} bytes runs past "
-                    f"the end of the {size}-byte file"
-                )
-            raw = f.read(header_len)
+        if read_at is None:
+            size, read_at = path.stat().st_size, partial(_read_at, path)
+        head = read_at(0, 8)
+        if len(head) < 8:
+            raise ConvertError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > MAX_HEADER_BYTES:
+            raise ConvertError(f"{path}: safetensors header claims {header_len} bytes (limit {MAX_HEADER_BYTES})")
+        if 8 + header_len > size:
+            raise ConvertError(
+                f"{path}: truncated or corrupt safetensors file: header of {header_len} bytes runs past "
+                f"the end of the {size}-byte file"
+            )
+        raw = read_at(8, header_len)
     except OSError as e:
         raise ConvertError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
@@ -114,6 +121,11 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raise ConvertError(f"{path}: tensor '{t.name}': data overlaps tensor '{previous}'")
         end, previous = t.offset + t.nbytes, t.name
     return {t.name: t for t in tensors}, metadata
+
+
+def _read_at(path: Path, offset: int, n: int) -> bytes:
+    with open(path, "rb", buffering=0) as f:
+        return os.pread(f.fileno(), n, offset)
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
