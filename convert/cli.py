@@ -68,7 +68,17 @@ def main() -> None:
     "--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty (only once the new one is complete)."
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
-def merge_command(base, adapter, out, dtype, device, max_shard_size, chunk_size, overwrite, quiet) -> None:
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the interrupted run of this same command on OUT, keeping the shards it finished.",
+)
+@click.option(
+    "--allow-nonfinite", is_flag=True, help="Merge an adapter holding NaN/Inf values, with a warning, not an error."
+)
+def merge_command(
+    base, adapter, out, dtype, device, max_shard_size, chunk_size, overwrite, quiet, resume, allow_nonfinite
+) -> None:
     """Merge a LoRA adapter into its base model, as PEFT's merge_and_unload would."""
     try:
         result = merge(
@@ -81,6 +91,8 @@ def merge_command(base, adapter, out, dtype, device, max_shard_size, chunk_size,
             chunk_size=chunk_size,
             overwrite=overwrite,
             quiet=quiet,
+            resume=resume,
+            allow_nonfinite=allow_nonfinite,
         )
     except ConvertError as e:
         click.echo(f"error: {e}", err=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import resource
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -19,10 +18,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from convert.output_dir import fault_point, fingerprint, stage_output
 from convert.pipeline import DEFAULT_CHUNK_BYTES, run_plan
 from convert.plan import build_plan
-from formats.adapter import open_adapter
-from formats.checkpoint import open_checkpoint
+from convert.validate import check_finite
+from formats.adapter import Adapter, open_adapter
+from formats.checkpoint import INDEX_NAMES, Checkpoint, open_checkpoint
 from formats.errors import ConvertError
 from formats.hf_files import copy_side_files, write_config, write_model_card
 from formats.writer import ShardWriter, parse_size
@@ -60,11 +61,16 @@ def merge(
     chunk_size: int | str = DEFAULT_CHUNK_BYTES,
     overwrite: bool = False,
     quiet: bool = True,
+    resume: bool = False,
+    allow_nonfinite: bool = False,
 ) -> MergeResult:
     """Merge ``adapter`` into ``base`` and write the result to ``out``; the CLI's ``convert merge``.
 
     With ``adapter=None`` the base is rewritten (resharded, or cast with ``dtype``).
     Raises ``ConvertError`` for bad input, before or while writing; ``out`` is then left untouched.
+    The work happens in a locked partial sibling of ``out`` (``convert.output_dir``): after a
+    crash, ``resume=True`` keeps the shards already finished. ``allow_nonfinite`` turns the
+    error on NaN/Inf adapter values into a warning.
     """
     started = time.perf_counter()
     base, out = Path(base), Path(out)
@@ -82,17 +88,29 @@ def merge(
     peft = open_adapter(adapter_dir) if adapter_dir is not None else None
     plan = build_plan(ckpt, peft, dtype)
 
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    writer = None
-    try:
-        writer = ShardWriter(tmp, [t.planned for t in plan.tensors], shard_bytes)
-        total = sum(t.planned.nbytes for t in plan.tensors)
-        show = not quiet and sys.stderr.isatty()
-        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not show, desc="merge") as bar:
-            run_plan(plan.tensors, writer, torch_device, chunk_bytes, bar.update)
-        files = writer.finish()
+    if peft is not None:
+        check_finite(peft, allow_nonfinite)
+    planned = [t.planned for t in plan.tensors]
+    options = {"dtype": dtype, "device": torch_device.type, "max_shard_size": shard_bytes, "chunk_size": chunk_bytes}
+    fp = fingerprint("merge", options, input_files(ckpt, peft))
+    needed = sum(t.nbytes for t in planned)
+    with stage_output(out, fp, resume=resume, overwrite=overwrite, needed_bytes=needed) as stage:
+        tmp = stage.dir
+        writer = ShardWriter(tmp, planned, shard_bytes, done=stage.done, on_shard_done=stage.shard_done)
+        try:
+            todo = [t for t in plan.tensors if t.name not in writer.kept_tensors]
+            total = sum(t.planned.nbytes for t in todo)
+            show = not quiet and sys.stderr.isatty()
+            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not show, desc="merge") as bar:
+
+                def progress(n: int) -> None:
+                    bar.update(n)
+                    fault_point("job")
+
+                run_plan(todo, writer, torch_device, chunk_bytes, progress)
+            files = writer.finish()
+        finally:
+            writer.close()
         write_config(ckpt.config, tmp, plan.dtype, plan.config_updates)
         files += ["config.json", *copy_side_files([base, *([adapter_dir] if adapter_dir else [])], tmp)]
         if peft is not None:
@@ -107,12 +125,7 @@ def merge(
             }
             write_model_card(tmp, base_name, adapter_dir.resolve().name, settings)
             files.append("README.md")
-        publish(tmp, out)
-    except BaseException:
-        if writer is not None:
-            writer.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        stage.publish()
     merged = sum(t.delta is not None for t in plan.tensors)
     return MergeResult(
         out=out,
@@ -140,15 +153,12 @@ def check_paths(inputs: list[Path], out: Path, overwrite: bool) -> None:
         raise ConvertError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
 
 
-def publish(tmp: Path, out: Path) -> None:
-    """Move the finished directory into place; an old output is removed only after that succeeded."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old)
+def input_files(ckpt: Checkpoint, adapter: Adapter | None) -> list[Path]:
+    """Every input file whose bytes reach the output: what a resumed run must find unchanged."""
+    files = [*ckpt.files, *(ckpt.directory / n for n in (INDEX_NAMES + ("config.json",)))]
+    if adapter is not None:
+        files += [adapter.weights_file, adapter.directory / "adapter_config.json"]
+    return [f for f in files if f.is_file()]
 
 
 def version() -> str:

@@ -16,6 +16,8 @@ import torch
 from formats.errors import ConvertError
 from formats.safetensors_file import DTYPE_NAMES, TensorInfo, read_header
 
+INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
 
 @dataclass
 class Checkpoint:

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import threading
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,7 +92,17 @@ class ShardWriter:
     tensor got exactly its bytes and writes the index.
     """
 
-    def __init__(self, out_dir: Path, tensors: list[PlannedTensor], max_shard_size: int):
+    def __init__(
+        self,
+        out_dir: Path,
+        tensors: list[PlannedTensor],
+        max_shard_size: int,
+        done: Collection[str] = (),
+        on_shard_done: Callable[[str], None] | None = None,
+    ):
+        """``done``: shards already complete in ``out_dir`` (a resumed run), left as they are; their
+        tensors count as written. ``on_shard_done(name)`` is called, from the writing thread, once
+        every byte of a shard is written."""
         self.out_dir = out_dir
         self.shards = plan_shards(tensors, max_shard_size)
         self.names = shard_names(len(self.shards))
@@ -100,8 +111,21 @@ class ShardWriter:
         self._ranges: dict[str, list[tuple[int, int]]] = {}
         self._lock = threading.Lock()
         self._fds: list[int] = []
+        self._shard_of: dict[str, str] = {}  # tensor -> shard file
+        self._pending: dict[str, int] = {}  # shard file -> tensors not yet complete
+        self._complete: set[str] = set()
+        self.kept_tensors: set[str] = set()  # tensors of the ``done`` shards: nothing to write
+        self._on_shard_done = on_shard_done
         self.bytes_written = 0
         for shard, name in zip(self.shards, self.names, strict=True):
+            if name in done:
+                self.kept_tensors.update(t.name for t in shard)
+                for t in shard:
+                    self._where[t.name] = (-1, 0, t.nbytes)
+                    self._written[t.name] = t.nbytes
+                continue
+            self._pending[name] = len(shard)
+            self._shard_of.update((t.name, name) for t in shard)
             header = encode_header(shard, {"format": "pt"})
             fd = os.open(out_dir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             self._fds.append(fd)
@@ -122,8 +146,20 @@ class ShardWriter:
             if any(offset < end and start < offset + n for start, end in self._ranges[name]):
                 raise RuntimeError(f"tensor '{name}': bytes at {offset} written twice")
             self._ranges[name].append((offset, offset + n))
+
+    def _wrote(self, name: str, n: int) -> None:
+        """Count bytes once they are in the file; report a shard whose last tensor just completed."""
+        with self._lock:
             self._written[name] += n
             self.bytes_written += n
+            shard = self._shard_of[name]
+            finished = self._written[name] == self._where[name][2] and name not in self._complete
+            if finished:
+                self._complete.add(name)
+                self._pending[shard] -= 1
+                finished = self._pending[shard] == 0
+        if finished and self._on_shard_done is not None:
+            self._on_shard_done(shard)
 
     def write(self, name: str, data: torch.Tensor, offset: int = 0) -> None:
         """Write the bytes of ``data`` (a CPU tensor) at byte ``offset`` within tensor ``name``."""
@@ -132,6 +168,7 @@ class ShardWriter:
         view = byte_view(data)
         self._claim(name, offset, len(view))
         _pwrite_all(fd, view, start + offset)
+        self._wrote(name, len(view))
 
     def copy(self, name: str, source: TensorInfo) -> None:
         """Copy a tensor's bytes file-to-file without reading them into this process."""
@@ -151,6 +188,7 @@ class ShardWriter:
                         raise ConvertError(f"{source.path}: tensor '{source.name}': file ended early (truncated)")
                     n = _pwrite_all(fd, memoryview(chunk), dst + done)
                 done += n
+        self._wrote(name, nbytes)
 
     def close(self) -> None:
         for fd in self._fds:

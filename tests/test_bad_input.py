@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from convert.cli import main
+from formats.errors import ConvertError
 from tests.conftest import TINY, make_adapter, make_base, transformers
 
 
@@ -160,9 +161,12 @@ def test_failure_while_writing_leaves_nothing(llama, tmp_path, monkeypatch):
     monkeypatch.setattr(formats.writer.ShardWriter, "write", fail_on_third)
     from convert import merge
 
-    with pytest.raises(OSError):
+    with pytest.raises(ConvertError, match="No space left on device.*rerun with --resume"):
         merge(base, adapter, tmp_path / "out")
-    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+    # Nothing at OUT; the partial directory is kept for --resume but holds no config.json, no finished model.
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.glob(".out.*")] == [".out.partial"]
+    assert not (tmp_path / ".out.partial" / "model" / "config.json").exists()
 
 
 def test_adapter_config_without_rank(llama, tmp_path):
