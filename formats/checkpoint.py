@@ -42,6 +42,8 @@ def open_checkpoint(directory: str | Path) -> Checkpoint:
             files = _index_files(directory, index_name)
         elif (directory / single_name).exists():
             files = [directory / single_name]
+            if not inside_model_dir(directory, single_name):
+                raise ConvertError(f"{files[0]}: a symbolic link that leaves the model directory")
         else:
             continue
         return Checkpoint(directory, config, loader(files, directory, index_name), files)
@@ -66,18 +68,30 @@ def _index_files(directory: Path, index_name: str) -> list[Path]:
     weight_map = read_json(index_path).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise ConvertError(f"{index_path}: missing or empty 'weight_map'")
-    root = directory.resolve()
     files: dict[str, Path] = {}
     for tensor, name in weight_map.items():
         if name in files:
             continue
         path = directory / str(name)
-        if Path(str(name)).is_absolute() or root not in path.resolve().parents:
+        if not inside_model_dir(directory, str(name)):
             raise ConvertError(f"{index_path}: tensor '{tensor}': shard '{name}' lies outside the model directory")
         if not path.is_file():
             raise ConvertError(f"{index_path}: tensor '{tensor}': shard file '{name}' is missing")
         files[name] = path
     return [files[n] for n in sorted(files)]
+
+
+def inside_model_dir(directory: Path, name: str) -> bool:
+    """Whether file ``name`` of a model directory stays inside it: no absolute path, no ``..``, no
+    symbolic link that leaves it. The one exception is the Hugging Face cache's own layout, where
+    ``snapshots/<rev>/<file>`` links to ``../../blobs/<sha>`` of the same repository."""
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        return False
+    root = directory.resolve()
+    target = (directory / name).resolve()
+    if root in target.parents:
+        return True
+    return root.parent.name == "snapshots" and target.parent == root.parent.parent / "blobs"
 
 
 def _check_index(directory: Path, index_name: str, tensors: dict[str, TensorInfo]) -> None:
