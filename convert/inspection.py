@@ -66,7 +66,7 @@ def describe_model(path: Path) -> dict:
         if match:
             weight = t.name[: match.start()]
             four_bit[weight] = match.group(1)
-            numel[weight] = math.prod(_packed_state(t).get("shape") or [0])  # the unpacked weight's elements
+            numel[weight] = math.prod(_packed_state(t)["shape"])  # the unpacked weight's elements
     eight_bit = [t.name.removesuffix(".SCB") + ".weight" for t in infos if t.name.endswith(".SCB")]
     params = [t for t in infos if not BNB_AUX.search(t.name)]
     quant_config = ckpt.config.get("quantization_config")
@@ -100,10 +100,11 @@ def _packed_state(info: TensorInfo) -> dict:
         raise ConvertError(f"{info.path}: tensor '{info.name}': {info.nbytes} bytes is too large for a quant state")
     try:
         state = json.loads(bytes(read_tensor(info).flatten().tolist()).decode())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ConvertError(f"{info.path}: tensor '{info.name}': not a bitsandbytes quant state: {e}") from None
-    if not isinstance(state, dict):
-        raise ConvertError(f"{info.path}: tensor '{info.name}': not a bitsandbytes quant state")
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ConvertError(f"{info.path}: tensor '{info.name}': not a bitsandbytes quant state: {e!r}") from None
+    shape = state.get("shape") if isinstance(state, dict) else None
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise ConvertError(f"{info.path}: tensor '{info.name}': bitsandbytes quant state without a valid shape")
     return state
 
 

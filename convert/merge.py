@@ -96,7 +96,7 @@ def merge(
     needed = sum(t.nbytes for t in planned)
     with stage_output(out, fp, resume=resume, overwrite=overwrite, needed_bytes=needed) as stage:
         tmp = stage.dir
-        writer = ShardWriter(tmp, planned, shard_bytes, done=stage.done, on_shard_done=stage.shard_done)
+        writer = ShardWriter(tmp, planned, shard_bytes, stage.shard_done, done=stage.done)
         try:
             todo = [t for t in plan.tensors if t.name not in writer.kept_tensors]
             total = sum(t.planned.nbytes for t in todo)

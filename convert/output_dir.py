@@ -48,6 +48,7 @@ import struct
 import sys
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -189,23 +190,33 @@ class Stage:
     fingerprint: dict
     done: dict[str, dict] = field(default_factory=dict)  # shard name -> journal record, kept from an earlier run
     published: bool = False
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    # One thread fsyncs, hashes and journals finished shards, so that the workers never wait for the disk.
+    _journaler: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "convert-journal"))
+    _pending: list[Future] = field(default_factory=list)
 
     @property
     def dir(self) -> Path:
         return self.partial / MODEL
 
     def shard_done(self, name: str) -> None:
-        """Make a finished shard durable and journal it (called by the writer, from any worker thread)."""
+        """Have a finished shard made durable and journaled (called by the writer, from any worker thread)."""
+        self._pending.append(self._journaler.submit(self._journal, name))
+
+    def _journal(self, name: str) -> None:
         path = self.dir / name
         fsync_path(path)
-        record = {"shard": name, "size": path.stat().st_size, "sha256": sha256_file(path)}
-        with self._lock:
-            _append(self.partial / JOURNAL, record)
+        _append(self.partial / JOURNAL, {"shard": name, "size": path.stat().st_size, "sha256": sha256_file(path)})
         fault_point("after-shard")
+
+    def wait(self) -> None:
+        """Wait until every finished shard is journaled; raise the first error of doing so."""
+        self._journaler.shutdown(wait=True)
+        for future in self._pending:
+            future.result()
 
     def publish(self) -> None:
         """fsync everything, then move the model to ``out`` in one rename (swapping out an old output)."""
+        self.wait()
         for path in self.dir.iterdir():
             fsync_path(path)
         fsync_path(self.dir)
@@ -303,7 +314,10 @@ def stage_output(
                 shutil.rmtree(partial, ignore_errors=True)
             raise
         try:
-            yield stage
+            try:
+                yield stage
+            finally:
+                stage._journaler.shutdown(wait=True)  # a kill would leave these shards unjournaled: fine
         except ConvertError:
             shutil.rmtree(partial, ignore_errors=True)
             raise
@@ -325,6 +339,8 @@ def _open_stage(stage: Stage, resume: bool, overwrite: bool, needed_bytes: int |
     old, journaled = read_journal(partial)
     if old is not None and out.exists() and os.path.samestat(out.stat(), _model_stat(old)):
         old = None  # the leftovers of a run killed right after its rename: out is that finished model
+    if old is not None and not stage.dir.is_dir():
+        old = None  # nothing left to resume
     if old is not None and not overwrite and not resume:
         raise ConvertError(
             f"{out}: an interrupted run left {partial} ({len(journaled)} shard(s) finished); rerun the same "
@@ -337,7 +353,6 @@ def _open_stage(stage: Stage, resume: bool, overwrite: bool, needed_bytes: int |
                 f"({describe_difference(old['fingerprint'], stage.fingerprint['fingerprint'])}); rerun it as it "
                 "was, or pass --overwrite without --resume to start over"
             )
-        stage.dir.mkdir(exist_ok=True)
         done = _kept_shards(stage, journaled)
         if needed_bytes is not None:
             check_free_space(partial, max(0, needed_bytes - sum(r["size"] for r in done.values())), f"the output {out}")

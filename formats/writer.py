@@ -90,6 +90,14 @@ class ShardWriter:
     plan, so a tensor (or a row range of it) can be written as soon as it is
     computed, by whichever worker computed it. ``finish`` checks that every
     tensor got exactly its bytes and writes the index.
+
+    ``on_shard_done(file_name)`` is called (from the writing thread) as soon as
+    every byte of a shard is in its file, so that a sink such as a Hub upload can
+    take the shard while the next one is being computed.
+
+    ``done`` names shards already complete in ``out_dir`` (a resumed run,
+    ``convert.output_dir``): they are left as they are, their tensors
+    (``kept_tensors``) count as written, and writes to them are dropped.
     """
 
     def __init__(
@@ -97,35 +105,30 @@ class ShardWriter:
         out_dir: Path,
         tensors: list[PlannedTensor],
         max_shard_size: int,
-        done: Collection[str] = (),
         on_shard_done: Callable[[str], None] | None = None,
+        done: Collection[str] = (),
     ):
-        """``done``: shards already complete in ``out_dir`` (a resumed run), left as they are; their
-        tensors count as written. ``on_shard_done(name)`` is called, from the writing thread, once
-        every byte of a shard is written."""
         self.out_dir = out_dir
         self.shards = plan_shards(tensors, max_shard_size)
         self.names = shard_names(len(self.shards))
+        self.on_shard_done = on_shard_done
+        self._shard_of = {t.name: i for i, shard in enumerate(self.shards) for t in shard}
+        self._left = [sum(t.nbytes for t in shard) for shard in self.shards]  # bytes not yet in each shard
+        self._reported: set[int] = set()
         self._where: dict[str, tuple[int, int, int]] = {}  # name -> (fd, absolute offset, nbytes)
         self._written: dict[str, int] = {}
         self._ranges: dict[str, list[tuple[int, int]]] = {}
         self._lock = threading.Lock()
         self._fds: list[int] = []
-        self._shard_of: dict[str, str] = {}  # tensor -> shard file
-        self._pending: dict[str, int] = {}  # shard file -> tensors not yet complete
-        self._complete: set[str] = set()
-        self.kept_tensors: set[str] = set()  # tensors of the ``done`` shards: nothing to write
-        self._on_shard_done = on_shard_done
         self.bytes_written = 0
-        for shard, name in zip(self.shards, self.names, strict=True):
+        self.kept_tensors: set[str] = set()
+        for i, (shard, name) in enumerate(zip(self.shards, self.names, strict=True)):
             if name in done:
+                self._reported.add(i)
                 self.kept_tensors.update(t.name for t in shard)
-                for t in shard:
-                    self._where[t.name] = (-1, 0, t.nbytes)
-                    self._written[t.name] = t.nbytes
+                self._written.update((t.name, t.nbytes) for t in shard)
+                self._where.update((t.name, (-1, 0, t.nbytes)) for t in shard)
                 continue
-            self._pending[name] = len(shard)
-            self._shard_of.update((t.name, name) for t in shard)
             header = encode_header(shard, {"format": "pt"})
             fd = os.open(out_dir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             self._fds.append(fd)
@@ -146,32 +149,24 @@ class ShardWriter:
             if any(offset < end and start < offset + n for start, end in self._ranges[name]):
                 raise RuntimeError(f"tensor '{name}': bytes at {offset} written twice")
             self._ranges[name].append((offset, offset + n))
-
-    def _wrote(self, name: str, n: int) -> None:
-        """Count bytes once they are in the file; report a shard whose last tensor just completed."""
-        with self._lock:
             self._written[name] += n
             self.bytes_written += n
-            shard = self._shard_of[name]
-            finished = self._written[name] == self._where[name][2] and name not in self._complete
-            if finished:
-                self._complete.add(name)
-                self._pending[shard] -= 1
-                finished = self._pending[shard] == 0
-        if finished and self._on_shard_done is not None:
-            self._on_shard_done(shard)
 
     def write(self, name: str, data: torch.Tensor, offset: int = 0) -> None:
         """Write the bytes of ``data`` (a CPU tensor) at byte ``offset`` within tensor ``name``."""
+        if name in self.kept_tensors:
+            return
         fd, start, _ = self._where[name]
         data = data.contiguous()
         view = byte_view(data)
         self._claim(name, offset, len(view))
         _pwrite_all(fd, view, start + offset)
-        self._wrote(name, len(view))
+        self._landed(name, len(view))
 
     def copy(self, name: str, source: TensorInfo) -> None:
         """Copy a tensor's bytes file-to-file without reading them into this process."""
+        if name in self.kept_tensors:
+            return
         fd, dst, nbytes = self._where[name]
         self._claim(name, 0, source.nbytes)
         with open(source.path, "rb", buffering=0) as src:
@@ -188,7 +183,18 @@ class ShardWriter:
                         raise ConvertError(f"{source.path}: tensor '{source.name}': file ended early (truncated)")
                     n = _pwrite_all(fd, memoryview(chunk), dst + done)
                 done += n
-        self._wrote(name, nbytes)
+        self._landed(name, nbytes)
+
+    def _landed(self, name: str, n: int) -> None:
+        """Count ``n`` bytes of tensor ``name`` as being in their file; report the shard once all of it is."""
+        with self._lock:
+            shard = self._shard_of[name]
+            self._left[shard] -= n
+            complete = self._left[shard] == 0 and shard not in self._reported
+            if complete:
+                self._reported.add(shard)
+        if complete and self.on_shard_done is not None:
+            self.on_shard_done(self.names[shard])
 
     def close(self) -> None:
         for fd in self._fds:
@@ -201,6 +207,10 @@ class ShardWriter:
         for name, (_, _, nbytes) in self._where.items():
             if self._written[name] != nbytes:
                 raise RuntimeError(f"output incomplete: tensor '{name}' got {self._written[name]} of {nbytes} bytes")
+        for shard, name in enumerate(self.names):  # shards of empty tensors only: no write ever completed them
+            if shard not in self._reported and self.on_shard_done is not None:
+                self._reported.add(shard)
+                self.on_shard_done(name)
         if len(self.shards) > 1:
             weight_map = {t.name: name for shard, name in zip(self.shards, self.names, strict=True) for t in shard}
             total = sum(nbytes for _, _, nbytes in self._where.values())

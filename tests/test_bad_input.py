@@ -130,12 +130,14 @@ class Evil:
         return (print, ("code ran",))
 
 
-def test_pickle_with_code_is_refused(llama, tmp_path, capsys):
+@pytest.mark.parametrize("which", ["adapter", "base"])
+def test_pickle_with_code_is_refused(llama, tmp_path, capsys, which):
     base, adapter = llama
-    (adapter / "adapter_model.safetensors").unlink()
-    (adapter / "adapter_model.bin").write_bytes(pickle.dumps({"x": Evil()}))
+    directory, name = (adapter, "adapter_model") if which == "adapter" else (base, "pytorch_model")
+    (directory / f"{'adapter_' if which == 'adapter' else ''}model.safetensors").unlink()
+    (directory / f"{name}.bin").write_bytes(pickle.dumps({"x": Evil()}))
     message = run_failing(tmp_path, base, adapter)
-    assert "adapter_model.bin" in message and "weights_only" in message
+    assert f"{name}.bin" in message and "weights_only" in message
     assert "code ran" not in capsys.readouterr().out
 
 
@@ -342,15 +344,6 @@ def test_nonfinite_adapter_values(llama, tmp_path, value):
         ["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "out"), "--allow-nonfinite"],
     )
     assert result.exit_code == 0 and "warning: " in result.stderr and name in result.stderr
-
-
-def test_base_pickle_with_code_is_refused(llama, tmp_path, capsys):
-    base, adapter = llama
-    (base / "model.safetensors").unlink()
-    (base / "pytorch_model.bin").write_bytes(pickle.dumps({"model.norm.weight": Evil()}))
-    message = run_failing(tmp_path, base, adapter)
-    assert "pytorch_model.bin" in message and "weights_only" in message
-    assert "code ran" not in capsys.readouterr().out
 
 
 def test_unknown_dtype_in_a_pickle(llama, tmp_path):

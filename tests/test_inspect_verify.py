@@ -6,6 +6,7 @@ import json
 import struct
 
 import pytest
+import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
@@ -168,3 +169,16 @@ def test_verify_reports_a_missing_tensor(tmp_path, merged):
     report = json.loads(result.stdout)
     assert result.exit_code == 1 and report["missing"] == ["model.norm.weight"]
     assert sum(not t["ok"] for t in report["tensors"]) == 14  # the un-merged weights differ too
+
+
+def test_inspect_hostile_quant_state(tmp_path):
+    """A 4-bit quant-state record that is not what bitsandbytes writes: one line naming file and tensor."""
+    state = {
+        "model.norm.weight": torch.ones(4),
+        "model.x.weight.quant_state.bitsandbytes__nf4": torch.tensor(list(b'{"shape": "huge"}'), dtype=torch.uint8),
+    }
+    (tmp_path / "model").mkdir()
+    save_file(state, tmp_path / "model" / "model.safetensors")
+    (tmp_path / "model" / "config.json").write_text("{}")
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "model")])
+    assert result.exit_code == 2 and "quant_state.bitsandbytes__nf4': bitsandbytes quant state" in result.stderr
