@@ -284,7 +284,7 @@ def _kept_shards(stage: Stage, journaled: dict[str, dict]) -> dict[str, dict]:
     kept = {}
     for name, record in journaled.items():
         path = stage.dir / name
-        if path.is_file() and path.stat().st_size == record["size"] and sha256_file(path) == record["sha256"]:
+        if path.is_file() and path.stat().st_size == record.get("size") and sha256_file(path) == record.get("sha256"):
             kept[name] = record
         else:
             print(f"warning: {path}: differs from the journal; it is written again", file=sys.stderr)
