@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from convert.output_dir import fault_point, fingerprint, stage_output
+from convert.output_dir import fault_point, fingerprint, open_stage
 from convert.pipeline import DEFAULT_CHUNK_BYTES, run_plan
 from convert.plan import build_plan
 from convert.validate import check_finite
@@ -94,23 +94,22 @@ def merge(
     options = {"dtype": dtype, "device": torch_device.type, "max_shard_size": shard_bytes, "chunk_size": chunk_bytes}
     fp = fingerprint("merge", options, input_files(ckpt, peft))
     needed = sum(t.nbytes for t in planned)
-    with stage_output(out, fp, resume=resume, overwrite=overwrite, needed_bytes=needed) as stage:
-        tmp = stage.dir
+    stage = open_stage(out, fp, resume=resume, overwrite=overwrite, needed_bytes=needed)
+    tmp = stage.dir
+    writer = None
+    try:
         writer = ShardWriter(tmp, planned, shard_bytes, stage.shard_done, done=stage.done)
-        try:
-            todo = [t for t in plan.tensors if t.name not in writer.kept_tensors]
-            total = sum(t.planned.nbytes for t in todo)
-            show = not quiet and sys.stderr.isatty()
-            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not show, desc="merge") as bar:
+        todo = [t for t in plan.tensors if t.name not in writer.kept_tensors]  # resumed: finished shards stay
+        total = sum(t.planned.nbytes for t in todo)
+        show = not quiet and sys.stderr.isatty()
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not show, desc="merge") as bar:
 
-                def progress(n: int) -> None:
-                    bar.update(n)
-                    fault_point("job")
+            def progress(n: int) -> None:
+                bar.update(n)
+                fault_point("job")
 
-                run_plan(todo, writer, torch_device, chunk_bytes, progress)
-            files = writer.finish()
-        finally:
-            writer.close()
+            run_plan(todo, writer, torch_device, chunk_bytes, progress)
+        files = writer.finish()
         write_config(ckpt.config, tmp, plan.dtype, plan.config_updates)
         files += ["config.json", *copy_side_files([base, *([adapter_dir] if adapter_dir else [])], tmp)]
         if peft is not None:
@@ -126,6 +125,11 @@ def merge(
             write_model_card(tmp, base_name, adapter_dir.resolve().name, settings)
             files.append("README.md")
         stage.publish()
+    except BaseException as e:
+        if writer is not None:
+            writer.close()
+        stage.abort(e)
+        raise
     merged = sum(t.delta is not None for t in plan.tensors)
     return MergeResult(
         out=out,

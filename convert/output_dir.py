@@ -19,13 +19,17 @@ directory has a stable name, so a later run can find it:
   on the same output is refused while the first is alive, and the lock dies
   with its process, so a SIGKILLed run's leftovers can be resumed at once.
 
-Adopting it in a command (see ``convert.merge``)::
+Adopting it in a command (as ``convert.merge`` does)::
 
     fp = fingerprint("quantize", {"bits": 4, ...}, input_files)
-    with stage_output(out, fp, resume=resume, overwrite=overwrite, needed_bytes=total) as stage:
-        writer = ShardWriter(stage.dir, planned, shard_size, done=stage.done, on_shard_done=stage.shard_done)
-        ...  # write every tensor not in a stage.done shard, then writer.finish() and the side files
+    stage = open_stage(out, fp, resume=resume, overwrite=overwrite, needed_bytes=total)
+    try:
+        writer = ShardWriter(stage.dir, planned, shard_size, stage.shard_done, done=stage.done)
+        ...  # write the tensors not in writer.kept_tensors, writer.finish(), side files into stage.dir
         stage.publish()
+    except BaseException as e:
+        stage.abort(e)  # raises the one-line error for an OSError
+        raise
 
 ``CONVERT_FAULT`` (tests only) kills the process with SIGKILL at a named point,
 ``point`` or ``point:N`` for its N-th passage: ``job`` (after a pipeline job, i.e.
@@ -35,7 +39,6 @@ inside a shard), ``after-shard`` (a shard journaled), ``before-rename``,
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import fcntl
@@ -47,7 +50,6 @@ import signal
 import struct
 import sys
 import threading
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,6 +195,7 @@ class Stage:
     # One thread fsyncs, hashes and journals finished shards, so that the workers never wait for the disk.
     _journaler: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "convert-journal"))
     _pending: list[Future] = field(default_factory=list)
+    _lock_fd: int = -1  # the flock on ``partial``, held from open_stage to publish or abort
 
     @property
     def dir(self) -> Path:
@@ -231,6 +234,38 @@ class Stage:
         fsync_path(self.out.parent)
         self.published = True
         fault_point("after-rename")
+        shutil.rmtree(self.partial, ignore_errors=True)
+        self._release()
+
+    def abort(self, error: BaseException) -> None:
+        """Clean up after ``error`` ended the run; raise what to report instead, if anything.
+
+        Bad input (``ConvertError``: a rerun would fail again) removes the partial
+        directory. Anything else (a kill, Ctrl-C, a full disk, an I/O error) keeps it,
+        journal included, for ``--resume``; an ``OSError`` becomes a one-line
+        ``ConvertError`` that says so.
+        """
+        self._journaler.shutdown(wait=True)  # shards already finished are worth journaling
+        try:
+            if isinstance(error, ConvertError):
+                shutil.rmtree(self.partial, ignore_errors=True)
+            elif isinstance(error, OSError):
+                raise ConvertError(write_failed(error, self.out, self.partial)) from error
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+
+def write_failed(error: OSError, out: Path, partial: Path) -> str:
+    count = len(read_journal(partial)[1])
+    return (
+        f"{error.filename or out}: {error.strerror or error} while writing {out}; nothing was published and the "
+        f"{count} finished shard(s) are kept in {partial}: fix the cause and rerun with --resume"
+    )
 
 
 def _append(journal: Path, record: dict) -> None:
@@ -291,46 +326,28 @@ def _kept_shards(stage: Stage, journaled: dict[str, dict]) -> dict[str, dict]:
     return kept
 
 
-@contextlib.contextmanager
-def stage_output(
+def open_stage(
     out: Path, fp: dict, *, resume: bool = False, overwrite: bool = False, needed_bytes: int | None = None
-) -> Iterator[Stage]:
+) -> Stage:
     """Open (or, with ``resume``, reopen) ``out``'s partial directory, locked, for one run.
 
-    On a ``ConvertError`` inside the block (bad input: a rerun would fail again) the
-    partial directory is removed; on any other failure (a kill, a full disk, an I/O
-    error) it is kept, journal included, and the error says how to resume.
     ``needed_bytes``: what the output will take, checked against free space (less
-    what kept shards already hold).
+    what kept shards already hold). The run then ends with ``stage.publish()``, or
+    with ``stage.abort(error)`` on any error.
     """
     partial = partial_path(out)
-    fd = _lock(partial)
-    stage = Stage(out, partial, {"fingerprint": fp})
+    stage = Stage(out, partial, {"fingerprint": fp}, _lock_fd=_lock(partial))
     try:
-        try:
-            _open_stage(stage, resume, overwrite, needed_bytes)
-        except BaseException:
-            if not (partial / JOURNAL).exists():  # nothing of an earlier run in it: ours to remove
-                shutil.rmtree(partial, ignore_errors=True)
-            raise
-        try:
-            try:
-                yield stage
-            finally:
-                stage._journaler.shutdown(wait=True)  # a kill would leave these shards unjournaled: fine
-        except ConvertError:
+        _open_stage(stage, resume, overwrite, needed_bytes)
+    except BaseException as e:
+        stage._journaler.shutdown()
+        if not (partial / JOURNAL).exists():  # nothing of an earlier run in it: ours to remove
             shutil.rmtree(partial, ignore_errors=True)
-            raise
-        if stage.published:
-            shutil.rmtree(partial, ignore_errors=True)
-    except OSError as e:
-        count = len(read_journal(partial)[1])
-        raise ConvertError(
-            f"{e.filename or out}: {e.strerror or e} while writing {out}; nothing was published and the "
-            f"{count} finished shard(s) are kept in {partial}: fix the cause and rerun with --resume"
-        ) from e
-    finally:
-        os.close(fd)
+        stage._release()
+        if isinstance(e, OSError):
+            raise ConvertError(write_failed(e, out, partial)) from e
+        raise
+    return stage
 
 
 def _open_stage(stage: Stage, resume: bool, overwrite: bool, needed_bytes: int | None) -> None:
