@@ -110,6 +110,13 @@ def test_kill_then_resume_is_byte_identical(inputs, tmp_path, fault):
         assert (out / name).stat().st_ino == st.st_ino and (out / name).stat().st_mtime_ns == st.st_mtime_ns
 
 
+def test_resume_with_nothing_to_resume_just_runs(inputs, tmp_path):
+    base, adapter, reference = inputs
+    result = invoke(*merge_args(base, adapter, tmp_path / "out", "--resume"))
+    assert result.exit_code == 0, result.output
+    assert digest(tmp_path / "out") == reference and not partial_path(tmp_path / "out").exists()
+
+
 def test_repeated_kills_then_resume(inputs, tmp_path):
     """Killed, resumed and killed again, twice, before a resume that finishes."""
     base, adapter, reference = inputs
