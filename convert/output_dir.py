@@ -295,8 +295,11 @@ def read_journal(partial: Path) -> tuple[dict | None, dict[str, dict]]:
 def _lock(partial: Path) -> int:
     """flock the partial directory itself; the lock dies with the process, so a SIGKILL never leaves it stale."""
     while True:
-        partial.mkdir(parents=True, exist_ok=True)
-        fd = os.open(partial, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            partial.mkdir(parents=True, exist_ok=True)
+            fd = os.open(partial, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as e:
+            raise ConvertError(f"{partial}: cannot create the partial output directory: {e.strerror or e}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
