@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import click
@@ -70,8 +71,18 @@ def main() -> None:
     "--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty (only once the new one is complete)."
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the interrupted run of this same command on OUT, keeping the shards it finished.",
+)
+@click.option(
+    "--allow-nonfinite", is_flag=True, help="Merge an adapter holding NaN/Inf values, with a warning, not an error."
+)
 @hub_options
-def merge_command(base, adapter, out, dtype, device, max_shard_size, chunk_size, overwrite, quiet, **hub) -> None:
+def merge_command(
+    base, adapter, out, dtype, device, max_shard_size, chunk_size, overwrite, quiet, resume, allow_nonfinite, **hub
+) -> None:
     """Merge a LoRA adapter into its base model, as PEFT's merge_and_unload would."""
     try:
         result = merge(
@@ -84,6 +95,8 @@ def merge_command(base, adapter, out, dtype, device, max_shard_size, chunk_size,
             chunk_size=chunk_size,
             overwrite=overwrite,
             quiet=quiet,
+            resume=resume,
+            allow_nonfinite=allow_nonfinite,
             **hub,
         )
     except ConvertError as e:
@@ -91,6 +104,43 @@ def merge_command(base, adapter, out, dtype, device, max_shard_size, chunk_size,
         sys.exit(2)
     if not quiet:
         click.echo(result.summary())
+
+
+@main.command("inspect")
+@click.argument("path", metavar="PATH")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, for scripts.")
+def inspect_command(path, as_json) -> None:
+    """Describe a model or adapter directory: format, dtypes, parameters, quantization, shards, LoRA settings."""
+    from convert.inspection import describe, render
+
+    try:
+        info = describe(path)
+    except ConvertError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    click.echo(json.dumps(info, indent=2) if as_json else render(info))
+
+
+@main.command("verify")
+@click.option("--base", required=True, metavar="DIR", help="Base model directory the merge read.")
+@click.option("--adapter", metavar="DIR", help="Adapter directory the merge read (none: a plain rewrite).")
+@click.option("--merged", required=True, metavar="DIR", help="The merged model to check.")
+@click.option("--sample", type=click.IntRange(min=1), metavar="N", help="Check N random tensors (default: all).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the --sample choice.")
+@click.option("--atol", type=float, default=0.0, show_default=True, help="Largest absolute error accepted.")
+@click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda|cuda:N", help="Where to recompute.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, for scripts.")
+def verify_command(base, adapter, merged, sample, seed, atol, device, as_json) -> None:
+    """Recompute merged tensors from base + adapter and compare them with a merged model (exit 1 on mismatch)."""
+    from convert.verify import render, verify
+
+    try:
+        report = verify(base, adapter, merged, sample=sample, seed=seed, atol=atol, device=device)
+    except ConvertError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    click.echo(json.dumps(report, indent=2) if as_json else render(report))
+    sys.exit(0 if report["ok"] else 1)
 
 
 if __name__ == "__main__":

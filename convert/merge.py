@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import resource
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -19,11 +18,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from convert.output_dir import fault_point, fingerprint, open_stage
 from convert.pipeline import DEFAULT_CHUNK_BYTES, run_plan
 from convert.plan import build_plan
 from convert.push import HubTarget, Upload
-from formats.adapter import open_adapter
-from formats.checkpoint import open_checkpoint
+from convert.validate import check_finite
+from formats.adapter import Adapter, open_adapter
+from formats.checkpoint import INDEX_NAMES, Checkpoint, open_checkpoint
 from formats.errors import ConvertError
 from formats.hf_files import copy_side_files, write_config, write_model_card
 from formats.hub import fetch_adapter, open_hub_model, parse_repo_id
@@ -68,6 +69,8 @@ def merge(
     token: str | None = None,
     keep_downloads: bool = True,
     push_to_hub: HubTarget | None = None,
+    resume: bool = False,
+    allow_nonfinite: bool = False,
 ) -> MergeResult:
     """Merge ``adapter`` into ``base`` and write the result to ``out``; the CLI's ``convert merge``.
 
@@ -76,6 +79,9 @@ def merge(
     ``revision`` applies to both otherwise): see ``formats.hub``. With ``push_to_hub``
     the output is also uploaded as it is written and committed when complete: see ``convert.push``.
     Raises ``ConvertError`` for bad input, before or while writing; ``out`` is then left untouched.
+    The work happens in a locked partial sibling of ``out`` (``convert.output_dir``): after a
+    crash, ``resume=True`` keeps the shards already finished. ``allow_nonfinite`` turns the
+    error on NaN/Inf adapter values into a warning.
     """
     started = time.perf_counter()
     base_repo, adapter_repo = parse_repo_id(base), parse_repo_id(adapter) if adapter is not None else None
@@ -99,19 +105,35 @@ def merge(
     peft = open_adapter(adapter_dir) if adapter_dir is not None else None
     plan = build_plan(ckpt, peft, dtype)
 
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if peft is not None:
+        check_finite(peft, allow_nonfinite)
+    planned = [t.planned for t in plan.tensors]
+    options = {"dtype": dtype, "device": torch_device.type, "max_shard_size": shard_bytes, "chunk_size": chunk_bytes}
+    fp = fingerprint("merge", options, input_files(ckpt, peft))
+    needed = sum(t.nbytes for t in planned)
+    stage = open_stage(out, fp, resume=resume, overwrite=overwrite, needed_bytes=needed)
+    tmp = stage.dir
     writer = upload = None
     try:
         upload = Upload(push_to_hub, tmp, token) if push_to_hub else None
-        on_shard = upload.file_done if upload else None
-        writer = ShardWriter(tmp, [t.planned for t in plan.tensors], shard_bytes, on_shard_done=on_shard)
-        total = sum(t.planned.nbytes for t in plan.tensors)
+
+        def shard_done(name: str) -> None:
+            stage.shard_done(name)
+            if upload is not None:
+                upload.file_done(name)
+
+        writer = ShardWriter(tmp, planned, shard_bytes, shard_done, done=stage.done)
+        todo = [t for t in plan.tensors if t.name not in writer.kept_tensors]  # resumed: finished shards stay
+        total = sum(t.planned.nbytes for t in todo)
         show = not quiet and sys.stderr.isatty()
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not show, desc="merge") as bar:
-            for stage in hub.stages(plan.tensors) if hub else [plan.tensors]:  # Hub: one base shard at a time
-                run_plan(stage, writer, torch_device, chunk_bytes, bar.update)
+
+            def progress(n: int) -> None:
+                bar.update(n)
+                fault_point("job")
+
+            for part in hub.stages(todo) if hub else [todo]:  # Hub: one base shard at a time
+                run_plan(part, writer, torch_device, chunk_bytes, progress)
         files = writer.finish()
         write_config(ckpt.config, tmp, plan.dtype, plan.config_updates)
         files += ["config.json", *copy_side_files([base, *([adapter_dir] if adapter_dir else [])], tmp)]
@@ -131,13 +153,13 @@ def merge(
             write_model_card(tmp, base_name, adapter_repo[0] if adapter_repo else adapter_dir.resolve().name, settings)
             files.append("README.md")
         commit_url = upload.commit(files, "Upload model written by ckpt-convert") if upload else None
-        publish(tmp, out)
-    except BaseException:
+        stage.publish()
+    except BaseException as e:
         if writer is not None:
             writer.close()
         if upload is not None:
             upload.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
+        stage.abort(e)
         raise
     finally:
         if hub is not None:
@@ -170,15 +192,12 @@ def check_paths(inputs: list[Path], out: Path, overwrite: bool) -> None:
         raise ConvertError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
 
 
-def publish(tmp: Path, out: Path) -> None:
-    """Move the finished directory into place; an old output is removed only after that succeeded."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old)
+def input_files(ckpt: Checkpoint, adapter: Adapter | None) -> list[Path]:
+    """Every input file whose bytes reach the output: what a resumed run must find unchanged."""
+    files = [*ckpt.files, *(ckpt.directory / n for n in (INDEX_NAMES + ("config.json",)))]
+    if adapter is not None:
+        files += [adapter.weights_file, adapter.directory / "adapter_config.json"]
+    return [f for f in files if f.is_file()]
 
 
 def version() -> str:

@@ -110,12 +110,18 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter | None, dtype: str = "auto") -
                     raise ConvertError(
                         f"{adapter.weights_file}: tensor '{module}': lora_bias is set but the base layer has no bias"
                     )
+                if lora.parts["bias"].shape != sources[bias].shape:
+                    raise ConvertError(
+                        f"{adapter.weights_file}: tensor '{lora.parts['bias'].name}': shape mismatch: "
+                        f"{list(lora.parts['bias'].shape)}, base bias '{bias}' is {list(sources[bias].shape)}"
+                    )
                 deltas[bias] = BiasDelta(lora.parts["bias"], scaling_for(adapter.config, module)[1])
         if tied and (tied in deltas or LM_HEAD in sources or sources[tied] is not tied_source):
             # The adapter changes one side of a tied pair: the PEFT model no longer has equal input and
             # output embeddings, so the merged model must store both and stop tying them.
             sources.setdefault(LM_HEAD, tied_source)
             config_updates["tie_word_embeddings"] = False
+        _check_dtypes(adapter, {name: sources[name] for name in deltas})
 
     float_dtypes = Counter(t.dtype for t in ckpt.tensors.values() if t.dtype in FLOAT_DTYPES)
     main_dtype = OUTPUT_DTYPES[dtype] or (float_dtypes.most_common(1)[0][0] if float_dtypes else "F32")
@@ -133,6 +139,11 @@ def _check_replacement(
     ckpt: Checkpoint, adapter: Adapter, target: str, base: TensorInfo, new: TensorInfo, config_updates: dict
 ) -> None:
     """A ``modules_to_save`` copy must fit its base tensor, except a resized vocabulary."""
+    if (new.dtype in FLOAT_DTYPES) != (base.dtype in FLOAT_DTYPES):
+        raise ConvertError(
+            f"{adapter.weights_file}: tensor '{new.name}': dtype {new.dtype} cannot replace base tensor "
+            f"'{target}' of dtype {base.dtype}"
+        )
     if new.shape == base.shape:
         return
     vocab = ckpt.config.get("vocab_size")
@@ -143,3 +154,20 @@ def _check_replacement(
         f"{adapter.weights_file}: tensor '{new.name}': shape mismatch: adapter has {list(new.shape)}, "
         f"base tensor '{target}' has {list(base.shape)}"
     )
+
+
+def _check_dtypes(adapter: Adapter, targets: dict[str, TensorInfo]) -> None:
+    """LoRA factors and the tensors they change must be floating point: anything else would merge garbage."""
+    for lora in adapter.lora.values():
+        for info in lora.parts.values():
+            if info.dtype not in FLOAT_DTYPES:
+                raise ConvertError(
+                    f"{adapter.weights_file}: tensor '{info.name}': dtype {info.dtype} is not supported for LoRA "
+                    f"weights (expected one of {', '.join(sorted(FLOAT_DTYPES))})"
+                )
+    for name, info in targets.items():
+        if info.dtype not in FLOAT_DTYPES:
+            raise ConvertError(
+                f"{info.path}: tensor '{name}': the adapter changes it but its dtype {info.dtype} is not a "
+                "floating-point type this tool can merge into"
+            )

@@ -108,13 +108,17 @@ def read_header(
         header = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
     except (ValueError, UnicodeDecodeError) as e:
         raise ConvertError(f"{path}: corrupt safetensors header: {e}") from None
+    except RecursionError:  # JSON nested thousands deep: a hostile header, not a checkpoint
+        raise ConvertError(f"{path}: corrupt safetensors header: nested too deeply") from None
     if not isinstance(header, dict):
         raise ConvertError(f"{path}: corrupt safetensors header: not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ConvertError(f"{path}: corrupt safetensors header: __metadata__ is not a map of strings")
     data_start = 8 + header_len
     data_len = size - data_start
     tensors = [_tensor_info(path, name, entry, data_start, data_len) for name, entry in header.items()]
-    tensors.sort(key=lambda t: t.offset)
+    tensors.sort(key=lambda t: (t.offset, t.nbytes))  # as safetensors orders them: empty tensors first
     end, previous = data_start, None
     for t in tensors:
         if t.offset < end:
@@ -145,13 +149,13 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_len
     if dtype not in DTYPES:
         raise ConvertError(f"{where}: unsupported dtype {dtype!r}")
     shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):  # bool is an int
         raise ConvertError(f"{where}: invalid shape {shape!r}")
     offsets = entry.get("data_offsets")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(isinstance(o, int) for o in offsets)
+        or not all(type(o) is int for o in offsets)
         or not 0 <= offsets[0] <= offsets[1]
     ):
         raise ConvertError(f"{where}: invalid data_offsets {offsets!r}")

@@ -1,0 +1,301 @@
+"""Crash safety of `convert merge`: SIGKILL at named points, `--resume`, concurrent runs, a full disk.
+
+Each kill runs the real CLI in a subprocess (``python -m convert.cli`` from the
+repository root) with ``CONVERT_FAULT`` set, so the process dies exactly there;
+the output path must then hold no finished model, and ``--resume`` must finish
+with every file byte-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import formats.writer
+from convert import merge
+from convert.cli import main
+from convert.output_dir import JOURNAL, partial_path
+from formats.errors import ConvertError
+from tests.conftest import ROOT, make_adapter, make_base
+
+OPTIONS = ["--max-shard-size", "20KB", "--chunk-size", "1KiB", "--device", "cpu", "-q"]
+
+
+def digest(path: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> tuple[Path, Path, dict[str, str]]:
+    """A tiny Llama and adapter, and the digest of an uninterrupted merge (6 shards)."""
+    tmp = tmp_path_factory.mktemp("inputs")
+    base = make_base(tmp / "base", "llama")
+    adapter = make_adapter(tmp / "adapter", base, r=4, lora_alpha=8, target_modules="all-linear")
+    result = CliRunner().invoke(main, merge_args(base, adapter, tmp / "reference"))
+    assert result.exit_code == 0, result.output
+    reference = digest(tmp / "reference")
+    assert sum(n.endswith(".safetensors") for n in reference) >= 4
+    return base, adapter, reference
+
+
+def merge_args(base: Path, adapter: Path, out: Path, *extra: str) -> list[str]:
+    return ["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out), *OPTIONS, *extra]
+
+
+def run_killed(base: Path, adapter: Path, out: Path, fault: str, *extra: str) -> None:
+    """Run the CLI in a subprocess that SIGKILLs itself at ``fault``; check it died there."""
+    env = {**os.environ, "CONVERT_FAULT": fault}
+    proc = subprocess.run(
+        [sys.executable, "-m", "convert.cli", *merge_args(base, adapter, out, *extra)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == -9, (fault, proc.returncode, proc.stderr)
+
+
+def assert_no_finished_model(out: Path) -> None:
+    assert not out.exists() or not any(out.iterdir()), f"{out} looks finished: {list(out.iterdir())}"
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def journaled(out: Path) -> list[str]:
+    lines = (partial_path(out) / JOURNAL).read_text().splitlines()
+    return [json.loads(line)["shard"] for line in lines[1:]]
+
+
+FAULTS = {
+    "first job, inside the first shard": "job:1",
+    "inside a later shard": "job:45",
+    "between shards": "after-shard:2",
+    "after the last shard": "after-shard:5",
+    "just before the rename": "before-rename",
+}
+
+
+@pytest.mark.parametrize("fault", FAULTS.values(), ids=FAULTS.keys())
+def test_kill_then_resume_is_byte_identical(inputs, tmp_path, fault):
+    base, adapter, reference = inputs
+    out = tmp_path / "out"
+    run_killed(base, adapter, out, fault)
+    assert_no_finished_model(out)
+    assert (partial_path(out) / JOURNAL).exists()
+    kept = journaled(out)
+    kept_stat = {n: (partial_path(out) / "model" / n).stat() for n in kept}
+
+    # Without --resume the leftovers are refused, not silently thrown away.
+    refused = invoke(*merge_args(base, adapter, out))
+    assert refused.exit_code == 2 and "--resume" in refused.stderr and "interrupted run" in refused.stderr
+    assert_no_finished_model(out)
+
+    resumed = invoke(*merge_args(base, adapter, out, "--resume"))
+    assert resumed.exit_code == 0, resumed.output
+    assert digest(out) == reference
+    assert not partial_path(out).exists()
+    for name, st in kept_stat.items():  # journaled shards were kept, not written again
+        assert (out / name).stat().st_ino == st.st_ino and (out / name).stat().st_mtime_ns == st.st_mtime_ns
+
+
+def test_resume_with_nothing_to_resume_just_runs(inputs, tmp_path):
+    base, adapter, reference = inputs
+    result = invoke(*merge_args(base, adapter, tmp_path / "out", "--resume"))
+    assert result.exit_code == 0, result.output
+    assert digest(tmp_path / "out") == reference and not partial_path(tmp_path / "out").exists()
+
+
+def test_repeated_kills_then_resume(inputs, tmp_path):
+    """Killed, resumed and killed again, twice, before a resume that finishes."""
+    base, adapter, reference = inputs
+    out = tmp_path / "out"
+    run_killed(base, adapter, out, "after-shard:1")
+    run_killed(base, adapter, out, "after-shard:2", "--resume")
+    assert len(journaled(out)) == 3
+    run_killed(base, adapter, out, "job:3", "--resume")
+    assert_no_finished_model(out)
+    assert invoke(*merge_args(base, adapter, out, "--resume")).exit_code == 0
+    assert digest(out) == reference
+
+
+def test_kill_after_rename_leaves_a_finished_model(inputs, tmp_path):
+    """Killed between the rename and the clean-up: OUT is complete; the next run clears the leftovers."""
+    base, adapter, reference = inputs
+    out = tmp_path / "out"
+    run_killed(base, adapter, out, "after-rename")
+    assert digest(out) == reference and partial_path(out).exists()
+    result = invoke(*merge_args(base, adapter, out, "--overwrite"))
+    assert result.exit_code == 0, result.output
+    assert digest(out) == reference and not partial_path(out).exists()
+
+
+def test_overwrite_replaces_an_old_output_in_one_step(inputs, tmp_path):
+    base, adapter, reference = inputs
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old model")
+    run_killed(base, adapter, out, "before-rename", "--overwrite")
+    assert (out / "old.txt").read_text() == "old model"  # the old output stays until the new one is complete
+    assert invoke(*merge_args(base, adapter, out, "--overwrite", "--resume")).exit_code == 0
+    assert digest(out) == reference
+
+
+def test_resume_with_a_different_command_is_refused(inputs, tmp_path):
+    base, adapter, reference = inputs
+    out = tmp_path / "out"
+    run_killed(base, adapter, out, "after-shard:2")
+    before = digest(partial_path(out) / "model")
+    result = invoke(*merge_args(base, adapter, out, "--resume", "--dtype", "bf16"))
+    assert result.exit_code == 2 and "different command" in result.stderr and "dtype" in result.stderr
+    assert digest(partial_path(out) / "model") == before  # the partial output is left alone
+
+    # An input changed since the kill: refused too, naming the file.
+    config = adapter / "adapter_config.json"
+    text = config.read_text()
+    try:
+        config.write_text(text + " ")
+        result = invoke(*merge_args(base, adapter, out, "--resume"))
+        assert result.exit_code == 2 and "adapter_config.json changed" in result.stderr
+    finally:
+        config.write_text(text)
+    # --overwrite (without --resume) discards the partial output and starts over.
+    assert invoke(*merge_args(base, adapter, out, "--overwrite")).exit_code == 0
+    assert digest(out) == reference
+
+
+def test_corrupted_journaled_shard_is_written_again(inputs, tmp_path):
+    base, adapter, reference = inputs
+    out = tmp_path / "out"
+    run_killed(base, adapter, out, "after-shard:2")
+    shard = partial_path(out) / "model" / journaled(out)[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    result = invoke(*merge_args(base, adapter, out, "--resume"))
+    assert result.exit_code == 0 and "differs from the journal" in result.stderr
+    assert digest(out) == reference
+
+
+def test_a_live_run_is_not_clobbered(inputs, tmp_path):
+    """A second run on the same output is refused while the first holds the lock."""
+    base, adapter, _ = inputs
+    out = tmp_path / "out"
+    partial = partial_path(out)
+    partial.mkdir()
+    fd = os.open(partial, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # what a live run holds
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            result = invoke(*merge_args(base, adapter, out, *extra))
+            assert result.exit_code == 2 and "another convert run is writing" in result.stderr
+        assert partial.is_dir() and not out.exists()
+    finally:
+        os.close(fd)
+
+
+def test_free_space_is_checked_before_writing(inputs, tmp_path, monkeypatch):
+    base, adapter, _ = inputs
+    import convert.output_dir
+
+    class Tiny:
+        f_bavail, f_frsize = 1000, 4096
+
+    monkeypatch.setattr(convert.output_dir.os, "statvfs", lambda path: Tiny())
+    result = invoke(*merge_args(base, adapter, tmp_path / "out"))
+    assert result.exit_code == 2 and "not enough free disk space" in result.stderr
+    assert "MB free" in result.stderr and "4.1 MB free" in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: int):
+    """A real size-limited filesystem (tmpfs), where this machine allows mounting one."""
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()}); the injected ENOSPC test runs")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def test_disk_full_on_a_real_small_filesystem(inputs, tmp_path, monkeypatch):
+    """A tmpfs too small for the output: refused up front with the numbers. One that fills up during
+    the merge (ballast written after the check): a clear error, nothing published, resumable."""
+    base, adapter, reference = inputs
+    needed = sum(os.path.getsize(base / n) for n in os.listdir(base) if n.endswith(".safetensors"))
+    with small_tmpfs(tmp_path / "fs", 1 << 20) as fs:
+        result = invoke(*merge_args(base, adapter, fs / "out"))
+        assert result.exit_code == 2 and "not enough free disk space" in result.stderr, result.output
+        assert not list(fs.iterdir())
+
+    import convert.output_dir
+
+    with small_tmpfs(tmp_path / "fs2", (needed + (32 << 20)) // 4096 * 4096) as fs:
+        check = convert.output_dir.check_free_space
+
+        def check_then_fill(directory, size, what):
+            check(directory, size, what)  # passes; then another process takes the space
+            with open(fs / "ballast", "wb", buffering=0) as f:
+                with contextlib.suppress(OSError):
+                    while True:
+                        f.write(b"\0" * 4096)
+                f.truncate(f.tell() - 16384)  # room for the journal, not for the shards
+
+        monkeypatch.setattr(convert.output_dir, "check_free_space", check_then_fill)
+        result = invoke(*merge_args(base, adapter, fs / "out"))
+        assert result.exit_code == 2, result.output
+        message = result.stderr.strip()
+        assert "No space left on device" in message and "--resume" in message and "\n" not in message
+        assert_no_finished_model(fs / "out")
+
+        monkeypatch.setattr(convert.output_dir, "check_free_space", check)
+        (fs / "ballast").unlink()  # space freed: the same command resumes
+        result = invoke(*merge_args(base, adapter, fs / "out", "--resume"))
+        assert result.exit_code == 0, result.output
+        assert digest(fs / "out") == reference
+
+
+def test_injected_enospc_then_resume(inputs, tmp_path, monkeypatch):
+    """Disk full injected in the writer after 3 shards (works on any machine)."""
+    base, adapter, reference = inputs
+    out = tmp_path / "out"
+    real = formats.writer._pwrite_all
+    state = {"shards": 0}
+
+    def full_disk(fd, view, offset):
+        if state["shards"] >= 3:
+            raise OSError(28, "No space left on device")
+        return real(fd, view, offset)
+
+    import convert.output_dir
+
+    shard_done = convert.output_dir.Stage.shard_done
+
+    def counting(self, name):
+        shard_done(self, name)
+        state["shards"] += 1
+
+    monkeypatch.setattr(formats.writer, "_pwrite_all", full_disk)
+    monkeypatch.setattr(formats.writer.os, "copy_file_range", lambda *a: (_ for _ in ()).throw(OSError(18, "EXDEV")))
+    monkeypatch.setattr(convert.output_dir.Stage, "shard_done", counting)
+    with pytest.raises(ConvertError, match="No space left on device.*kept in .*rerun with --resume"):
+        merge(base, adapter, out, max_shard_size="20KB", chunk_size="1KiB", device="cpu")
+    assert_no_finished_model(out)
+    assert len(journaled(out)) >= 3
+    monkeypatch.undo()
+    assert invoke(*merge_args(base, adapter, out, "--resume")).exit_code == 0
+    assert digest(out) == reference
