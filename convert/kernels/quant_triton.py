@@ -21,7 +21,9 @@ from convert.kernels import quant
 FLT_MAX = 3.4028234663852886e38
 N0, N1, N2, N3, N4, N5, N6, N7, N8, N9, N10, N11, N12, N13, N14 = quant.NF4_CUDA_THRESHOLDS
 F0, F1, F2, F3, F4, F5, F6 = quant.FP4_CUDA_THRESHOLDS
-ELEMENTS_PER_PROGRAM = 8192  # 16 KiB of bf16 per program: enough bytes in flight, registers to spare
+# Tile sizes (tools/bench_quant.py measures them): 16 KiB of bf16 per program, enough bytes in flight per SM.
+ELEMENTS_PER_PROGRAM = 8192
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -42,6 +44,14 @@ def _divide(a, b, APPROX: tl.constexpr):
         )
     else:
         return a / b
+
+
+@triton.jit
+def reciprocal_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """The GPU's 1/x as the quantize kernel takes it (tests compare it with IEEE 1/x)."""
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offsets, mask=offsets < n, other=1.0)
+    tl.store(out_ptr + offsets, _reciprocal(x, True), mask=offsets < n)
 
 
 @triton.jit
@@ -107,7 +117,7 @@ def quantize_4bit(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[tor
         blocks = _blocks_per_program(blocksize)
         _quantize_4bit_kernel[(triton.cdiv(n_blocks, blocks),)](
             x, packed, absmax, n, BLOCKSIZE=blocksize, BLOCKS=blocks, NF4=quant_type == "nf4", APPROX=x.is_cuda,
-            num_warps=8,
+            num_warps=NUM_WARPS,
         )  # fmt: skip
     return packed, absmax
 
@@ -159,7 +169,7 @@ def dequantize_4bit(
     _dequantize_4bit_kernel[(triton.cdiv((n + 1) // 2, bytes_per_program),)](
         packed.contiguous(), code, absmax.contiguous(), nested_code.to(packed.device, torch.float32).contiguous(),
         nested_absmax.contiguous(), float(offset), out, n,
-        BLOCKSIZE=blocksize, BYTES=bytes_per_program, NESTED=nested is not None, num_warps=8, **options,
+        BLOCKSIZE=blocksize, BYTES=bytes_per_program, NESTED=nested is not None, num_warps=NUM_WARPS, **options,
     )  # fmt: skip
     return out.to(dtype)
 
