@@ -42,8 +42,9 @@ def sample(shape, dtype, blocksize: int, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cuda_4bit_equals_bitsandbytes_cuda(dtype, quant_type, double_quant):
+    blocksizes = Q.BLOCKSIZES if dtype == torch.bfloat16 else (64, 4096)  # each is a Triton compile
     for shape in SHAPES:
-        for blocksize in Q.BLOCKSIZES:
+        for blocksize in blocksizes:
             x = sample(shape, dtype, blocksize)
             packed, state = F.quantize_4bit(
                 x, blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant
