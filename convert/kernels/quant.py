@@ -246,18 +246,31 @@ def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, f
     """bitsandbytes' ``compress_statistics``: (uint8 absmax, nested absmax fp32, offset).
 
     ``absmax - mean`` is quantized in blocks of 256 with the 8-bit dynamic code. The mean is torch's on the tensor's
-    device, as in bitsandbytes, so the offset's last bit follows that device's summation order. Small (n/blocksize
-    values), so plain torch on every device.
+    device, as in bitsandbytes, so the offset's last bit follows that device's summation order.
     """
     absmax = absmax.float()
+    if absmax.is_cuda:
+        from convert.kernels import quant_triton
+
+        q, nested_absmax, mean = quant_triton.double_quantize(absmax)
+        return q, nested_absmax, float(mean)
+    return double_quantize_torch(absmax, rule="cpu")
+
+
+def double_quantize_torch(absmax: torch.Tensor, rule: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``double_quantize`` in torch, under bitsandbytes' CPU rule or (the oracle of the Triton kernel) its CUDA one.
+    Both leave NaN out of the nested absmax; on CUDA an all-NaN block keeps fmaxf's start, -FLT_MAX."""
     offset = absmax.mean()
     centred = absmax - offset
     n = centred.numel()
     blocks = torch.nn.functional.pad(centred, (0, -n % NESTED_BLOCKSIZE)).view(-1, NESTED_BLOCKSIZE)
-    # NaN is ignored by both devices' absmax; the zero padding of the last block cannot raise it
-    nested_absmax = torch.where(blocks.isnan(), 0.0, blocks.abs()).amax(dim=1)
+    nan_as = 0.0 if rule == "cpu" else -FLT_MAX
+    nested_absmax = torch.where(blocks.isnan(), nan_as, blocks.abs()).amax(dim=1)
     scaled = (blocks * (1.0 / nested_absmax).unsqueeze(1)).view(-1)
-    q = _dynamic_cuda(scaled) if absmax.is_cuda else _dynamic_cpu(scaled, (nested_absmax == 0).repeat_interleave(256))
+    if rule == "cpu":
+        q = _dynamic_cpu(scaled, (nested_absmax == 0).repeat_interleave(NESTED_BLOCKSIZE))
+    else:
+        q = _dynamic_cuda(scaled)
     return q[:n], nested_absmax, float(offset)
 
 
@@ -340,7 +353,7 @@ def dequantize_4bit(q: Quantized4bit, dtype: torch.dtype | None = None) -> torch
     if q.packed.is_cuda:  # the kernel undoes double quant on the fly
         from convert.kernels import quant_triton
 
-        nested = None if q.nested_absmax is None else (DYNAMIC_CODE, q.nested_absmax, q.offset)
+        nested = None if q.nested_absmax is None else (q.nested_absmax, q.offset)
         flat = q.packed.view(torch.uint8).view(-1)
         n = math.prod(q.shape)
         return quant_triton.dequantize_4bit(
