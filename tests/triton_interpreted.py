@@ -36,11 +36,9 @@ def sample(n: int, dtype: torch.dtype, blocksize: int) -> torch.Tensor:
     return x.to(dtype)
 
 
-@pytest.mark.parametrize("strided", [True, False])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_quantize_4bit(dtype, quant_type, strided, monkeypatch):
-    monkeypatch.setattr(T, "STRIDED_PAIRS", strided)
+def test_quantize_4bit(dtype, quant_type):
     for n in (1, 7, 64, 65, 1000, 4097):
         for blocksize in (32, 64, 256, 4096):
             x = sample(n, dtype, blocksize)

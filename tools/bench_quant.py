@@ -73,23 +73,17 @@ def tune(F) -> str:
     lines, best_q, best_d = [], None, None
     for elements in (4096, 8192):
         T.ELEMENTS_PER_PROGRAM = elements
-        for strided in (True, False):
-            for warps in (8, 16):
-                T.STRIDED_PAIRS, T.QUANTIZE_WARPS = strided, warps
-                check(x, False, F)
-                ms = bench(lambda: Q.quantize_4bit(x, 64, "nf4"))
-                lines.append(f"| quantize | {elements} | {'strided' if strided else 'split'} | {warps} | {ms:.3f} |")
-                best_q = min(best_q or (ms, elements, strided, warps), (ms, elements, strided, warps))
-        for warps in (4, 8):
-            T.DEQUANTIZE_WARPS = warps
+        for warps in (8, 16):
+            T.QUANTIZE_WARPS = T.DEQUANTIZE_WARPS = warps
             q, _ = check(x, False, F)
-            ms = bench(lambda q=q: Q.dequantize_4bit(q))
-            lines.append(f"| dequantize | {elements} | | {warps} | {ms:.3f} |")
-            best_d = min(best_d or (ms, elements, warps), (ms, elements, warps))
+            quantize_ms = bench(lambda: Q.quantize_4bit(x, 64, "nf4"))
+            dequantize_ms = bench(lambda q=q: Q.dequantize_4bit(q))
+            lines.append(f"| {elements} | {warps} | {quantize_ms:.3f} | {dequantize_ms:.3f} |")
+            best_q = min(best_q or (quantize_ms, elements, warps), (quantize_ms, elements, warps))
+            best_d = min(best_d or (dequantize_ms, elements, warps), (dequantize_ms, elements, warps))
     # one tile size serves both kernels: the quantize kernel's (the one with the target to meet)
-    T.ELEMENTS_PER_PROGRAM, T.STRIDED_PAIRS, T.QUANTIZE_WARPS = best_q[1], best_q[2], best_q[3]
-    T.DEQUANTIZE_WARPS = best_d[2]
-    header = "| kernel | elements/program | pairs | warps | ms |\n|---|---|---|---|---|\n"
+    T.ELEMENTS_PER_PROGRAM, T.QUANTIZE_WARPS, T.DEQUANTIZE_WARPS = best_q[1], best_q[2], best_d[2]
+    header = "| elements/program | warps | quantize ms | dequantize ms |\n|---|---|---|---|\n"
     return "Tile sweep on 14336x4096 bf16:\n\n" + header + "\n".join(lines)
 
 
@@ -150,9 +144,8 @@ def main() -> None:
             "",
             f"- quantize: {min(ratios_q):.1f}x to {max(ratios_q):.1f}x faster than bitsandbytes",
             f"- dequantize: {min(ratios_d):.2f}x to {max(ratios_d):.2f}x bitsandbytes' speed",
-            f"- Triton tiles: {T.ELEMENTS_PER_PROGRAM} elements per program, quantize "
-            f"{'strided' if T.STRIDED_PAIRS else 'split'} pairs with {T.QUANTIZE_WARPS} warps, dequantize "
-            f"{T.DEQUANTIZE_WARPS} warps",
+            f"- Triton tiles: {T.ELEMENTS_PER_PROGRAM} elements per program, quantize {T.QUANTIZE_WARPS} warps, "
+            f"dequantize {T.DEQUANTIZE_WARPS} warps",
             "",
             tuning,
             "",

@@ -24,11 +24,10 @@ from convert.kernels import quant
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
 N0, N1, N2, N3, N4, N5, N6, N7, N8, N9, N10, N11, N12, N13, N14 = (tl.constexpr(t) for t in quant.NF4_CUDA_THRESHOLDS)
 F0, F1, F2, F3, F4, F5, F6 = (tl.constexpr(t) for t in quant.FP4_CUDA_THRESHOLDS)
-# Tile shapes, measured with tools/bench_quant.py --tune on an H100: 8 KiB of bf16 per program.
+# Tile shapes, the fastest of tools/bench_quant.py --tune on an H100 (tools/results/bench_quant.md).
 ELEMENTS_PER_PROGRAM = 4096
 QUANTIZE_WARPS = 16
-DEQUANTIZE_WARPS = 4
-STRIDED_PAIRS = True  # quantize: load even and odd elements as two tiles (False: one tile, split in registers)
+DEQUANTIZE_WARPS = 8
 
 
 @functools.cache
@@ -94,25 +93,21 @@ def _fp4_code(x):
 @triton.jit
 def _quantize_4bit_kernel(
     x_ptr, packed_ptr, absmax_ptr, n,
-    BLOCKSIZE: tl.constexpr, BLOCKS: tl.constexpr, NF4: tl.constexpr, APPROX: tl.constexpr, STRIDED: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, BLOCKS: tl.constexpr, NF4: tl.constexpr, APPROX: tl.constexpr,
 ):  # fmt: skip
     """One program: a [BLOCKS, BLOCKSIZE] tile of quantization blocks -> absmax per row, two codes a byte.
 
     Loaded once as a tile so the absmax is a row reduction in registers; elements past ``n`` load as 0.0, which is
     what bitsandbytes' kernel pads a partial last block with (they count in its absmax and quantize the odd
     element's partner). NaN is left out of the absmax (CUDA's fmaxf), starting from -FLT_MAX as bitsandbytes does.
-    The element pairs that share a byte come either as two stride-2 tiles (the cache lines are the same, so memory
-    traffic is too) or as one tile split in registers.
+    The element pairs that share a byte are split apart in registers (loading them as two stride-2 tiles instead
+    measured 2.5x slower).
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
+    offsets = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    x = tl.load(x_ptr + offsets, mask=offsets < n, other=0.0).to(tl.float32)
+    high, low = tl.split(tl.reshape(x, (BLOCKS, BLOCKSIZE // 2, 2)))
     pairs = rows[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]  # = byte offsets
-    if STRIDED:
-        high = tl.load(x_ptr + 2 * pairs, mask=2 * pairs < n, other=0.0).to(tl.float32)
-        low = tl.load(x_ptr + 2 * pairs + 1, mask=2 * pairs + 1 < n, other=0.0).to(tl.float32)
-    else:
-        offsets = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-        x = tl.load(x_ptr + offsets, mask=offsets < n, other=0.0).to(tl.float32)
-        high, low = tl.split(tl.reshape(x, (BLOCKS, BLOCKSIZE // 2, 2)))
     high_abs = tl.max(tl.where(high != high, -FLT_MAX, tl.abs(high)), axis=1)
     absmax = tl.maximum(high_abs, tl.max(tl.where(low != low, -FLT_MAX, tl.abs(low)), axis=1))
     inverse = _reciprocal(absmax, APPROX)[:, None]
@@ -139,7 +134,7 @@ def quantize_4bit(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[tor
         blocks = _blocks_per_program(blocksize)
         _quantize_4bit_kernel[(triton.cdiv(n_blocks, blocks),)](
             x, packed, absmax, n, BLOCKSIZE=blocksize, BLOCKS=blocks, NF4=quant_type == "nf4", APPROX=x.is_cuda,
-            STRIDED=STRIDED_PAIRS, num_warps=QUANTIZE_WARPS,
+            num_warps=QUANTIZE_WARPS,
         )  # fmt: skip
     return packed, absmax
 
