@@ -74,7 +74,7 @@ class RoundTrip:
     _state: dict = field(default_factory=dict, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
 
-    def read_rows(self, start: int, stop: int) -> torch.Tensor:
+    def read_rows(self, start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
         if self.spec.method == "int8":
             rows = read_tensor(self.source, start, stop)
             return quant.dequantize_int8(*quant.quantize_int8(rows.to(torch.float16)))  # as bnb's Int8Params

@@ -48,6 +48,7 @@ SUFFIXES_4BIT = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
 # The longest repr of a float64 ("-2.2250738585072014e-308"): the quant-state blob is planned
 # before the double-quant offset is known, so its JSON is padded with spaces (valid JSON) to this.
 MAX_FLOAT_REPR = 24
+DEQUANT_TILE = 1 << 18  # values dequantized per kernel call while reading
 
 
 def codes(quant_type: str) -> torch.Tensor:
@@ -71,16 +72,20 @@ class Packed4bit:
     shape: tuple[int, ...]
     dtype: torch.dtype
 
-    def read_rows(self, start: int, stop: int) -> torch.Tensor:
-        cols = math.prod(self.shape[1:])
+    def read_rows(self, start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, stop), dequantized a tile of whole blocks at a time into ``buffer`` (or a new tensor):
+        the kernel's temporaries (int64 codes, fp32 values) then stay a few MB whatever the chunk."""
+        cols, n, bs = math.prod(self.shape[1:]), math.prod(self.shape), self.blocksize
         e0, e1 = start * cols, stop * cols
-        b0, b1 = e0 // self.blocksize, -(-e1 // self.blocksize)
-        first = b0 * self.blocksize
-        packed = read_bytes(self.packed, first // 2, (min(b1 * self.blocksize, math.prod(self.shape)) + 1) // 2)
-        absmax = self.block_absmax(b0, b1)
-        n = min(b1 * self.blocksize, math.prod(self.shape)) - first
-        values = quant.dequantize_blocks_4bit(packed, absmax, self.blocksize, self.quant_type, (n,), self.dtype)
-        return values.reshape(-1)[e0 - first : e1 - first].reshape(stop - start, *self.shape[1:])
+        out, tile = output(buffer, e1 - e0, self.dtype), max(bs, DEQUANT_TILE // bs * bs)
+        for t0 in range(e0 // bs * bs, e1, tile):
+            t1 = min(t0 + tile, n)
+            packed = read_bytes(self.packed, t0 // 2, (t1 + 1) // 2)
+            absmax = self.block_absmax(t0 // bs, -(-t1 // bs))
+            values = quant.dequantize_blocks_4bit(packed, absmax, bs, self.quant_type, (t1 - t0,), self.dtype)
+            lo, hi = max(t0, e0), min(t1, e1)
+            out[lo - e0 : hi - e0] = values.reshape(-1)[lo - t0 : hi - t0]
+        return out.view(stop - start, *self.shape[1:])
 
     def block_absmax(self, b0: int, b1: int) -> torch.Tensor:
         """fp32 absmax of blocks [b0, b1), undoing double quantization over whole nested blocks."""
@@ -99,8 +104,22 @@ class Int8Rows:
     weight: TensorInfo
     scb: TensorInfo
 
-    def read_rows(self, start: int, stop: int) -> torch.Tensor:
-        return quant.dequantize_int8(read_tensor(self.weight, start, stop), read_tensor(self.scb, start, stop))
+    def read_rows(self, start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        cols = math.prod(self.weight.shape[1:])
+        out = output(buffer, (stop - start) * cols, torch.float32).view(stop - start, cols)
+        step = max(1, DEQUANT_TILE // max(1, cols))
+        for r in range(start, stop, step):
+            r1 = min(r + step, stop)
+            scb = read_tensor(self.scb, r, r1)
+            out[r - start : r1 - start] = quant.dequantize_int8(read_tensor(self.weight, r, r1), scb)
+        return out
+
+
+def output(buffer: torch.Tensor | None, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """``n`` values of ``dtype``: in the caller's reusable uint8 buffer when there is one."""
+    if buffer is None:
+        return torch.empty(n, dtype=dtype)
+    return buffer[: n * dtype.itemsize].view(dtype)
 
 
 def read_bytes(info: TensorInfo, start: int, stop: int) -> torch.Tensor:

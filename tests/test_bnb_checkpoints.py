@@ -21,20 +21,24 @@ from safetensors.torch import save_file
 
 from convert import merge
 from convert.cli import main
+from formats import bnb as bnb_format
+from formats.bnb import QuantSpec, quantize_tensor, serialized_tensors
 from formats.checkpoint import open_checkpoint
-from formats.safetensors_file import read_tensor
-from tests.conftest import DTYPES, assert_equal_or_1ulp, load_output, make_adapter, peft, read_config, transformers
+from formats.safetensors_file import DTYPE_NAMES, read_tensor
+from formats.writer import ShardWriter
+from tests.conftest import (
+    DTYPES,
+    SIZES,
+    assert_equal_or_1ulp,
+    load_output,
+    make_adapter,
+    peft,
+    read_config,
+    transformers,
+)
 from tests.test_bad_input import run_failing
 
-SIZES64 = dict(
-    vocab_size=96,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    tie_word_embeddings=False,
-)
+SIZES64 = {**SIZES, "hidden_size": 64, "intermediate_size": 128, "tie_word_embeddings": False}  # rows of 64k
 BNB = {
     "nf4-dq": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
     "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
@@ -85,8 +89,9 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("kind", list(BNB))
-def test_reader_dequantizes_like_bitsandbytes(kind, models) -> None:
+def test_reader_dequantizes_like_bitsandbytes(kind, models, monkeypatch) -> None:
     """Every quantized weight reads, whole or in row chunks, as bitsandbytes dequantizes it."""
+    monkeypatch.setattr(bnb_format, "DEQUANT_TILE", 200)  # several kernel calls per read, tiles of 3 blocks
     ckpt = open_checkpoint(models[kind])
     stored = load_output(models[kind])
     assert not any(k.endswith((".absmax", ".SCB", ".weight_format")) or "quant_state" in k for k in ckpt.tensors)
@@ -239,11 +244,12 @@ def test_merge_into_dequantized_is_the_qlora_model(kind, models, tmp_path) -> No
 
 
 @pytest.mark.parametrize("quant_type,double_quant", [("fp4", False), ("nf4", True)])
-def test_blocks_straddling_rows(quant_type, double_quant, tmp_path) -> None:
+def test_blocks_straddling_rows(quant_type, double_quant, tmp_path, monkeypatch) -> None:
     """Rows of 96 values in blocks of 64: read (whole and by rows) as bitsandbytes' flat layout dequantizes.
 
     (bitsandbytes' own CPU kernel, given the 2-D shape, gets such rows wrong: further from the
     original weights than its flat result. That is why the model fixtures use rows of 64k values.)"""
+    monkeypatch.setattr(bnb_format, "DEQUANT_TILE", 1000)
     w = torch.randn(600, 96, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     packed, state = F.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=double_quant)
     tensors = {f"m.proj.weight.{k}": v for k, v in state.as_dict(packed=True).items()}
@@ -289,3 +295,46 @@ def test_bad_quantized_checkpoint(case, models, tmp_path) -> None:
     (bad / "config.json").write_text((models[source] / "config.json").read_text())
     message = run_failing(tmp_path, bad, models["adapter"])
     assert "model.safetensors" in message and "q_proj" in message and words in message, message
+
+
+def awkward(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Random values with an all-zero stretch and one large outlier."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
+    x.view(-1)[: min(300, x.numel())] = 0.0
+    x.view(-1)[x.numel() // 2] = 300.0
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize(
+    "shape,dtype,spec",
+    [
+        ((37, 45), torch.bfloat16, QuantSpec("nf4", blocksize=64, double_quant=True)),
+        ((300, 96), torch.float16, QuantSpec("fp4", blocksize=128, double_quant=False)),
+        ((257, 64), torch.float32, QuantSpec("nf4", blocksize=32, double_quant=True, quant_storage="float32")),
+        ((33, 70), torch.bfloat16, QuantSpec("int8")),
+    ],
+)
+def test_quantize_tensor_in_chunks_equals_bitsandbytes(shape, dtype, spec, tmp_path) -> None:
+    """The streamed writer (also used by loftq-init): chunked, it gives bitsandbytes' bytes for the whole tensor."""
+    x = awkward(shape, dtype)
+    writer = ShardWriter(tmp_path, serialized_tensors("w.weight", shape, DTYPE_NAMES[dtype], spec), 1 << 30)
+    quantize_tensor(writer, "w.weight", x, spec, chunk_elements=700)
+    writer.finish()
+    ours = load_output(tmp_path)
+    if spec.method == "int8":
+        q, scb, _ = F.int8_vectorwise_quant(x.half())
+        assert torch.equal(ours["w.weight"], q) and torch.equal(ours["w.SCB"], scb)
+        return
+    storage = getattr(torch, spec.quant_storage)
+    packed, state = F.quantize_4bit(
+        x,
+        blocksize=spec.blocksize,
+        quant_type=spec.method,
+        compress_statistics=spec.double_quant,
+        quant_storage=storage,
+    )
+    expected = {f"w.weight.{k}": v for k, v in state.as_dict(packed=True).items()}
+    assert same_bytes(ours.pop("w.weight"), packed)
+    assert ours.keys() == expected.keys()
+    for name, tensor in ours.items():
+        assert (blob(tensor) == blob(expected[name])) if "quant_state" in name else same_bytes(tensor, expected[name])
