@@ -98,7 +98,7 @@ def merge(
     check_merge_into(merge_into)
     spec = QuantSpec(quantize or train_quant, blocksize, double_quant, quant_storage, compute_dtype, (*skip_modules,))
     if merge_into == "dequantized":
-        plan = merge_into_dequantized(plan, replace(spec, method=train_quant), ckpt.config)
+        plan = merge_into_dequantized(plan, replace(spec, method=train_quant), ckpt.config, torch_device)
     if quantize is not None:
         plan = quantize_plan(plan, spec, ckpt.config)
 

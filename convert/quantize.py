@@ -42,12 +42,13 @@ def quantize_plan(plan: Plan, spec: QuantSpec, config: dict) -> Plan:
     return Plan(tensors, plan.dtype, updates)
 
 
-def merge_into_dequantized(plan: Plan, spec: QuantSpec, config: dict) -> Plan:
+def merge_into_dequantized(plan: Plan, spec: QuantSpec, config: dict, device: torch.device) -> Plan:
     """Read each Linear weight of a 16-bit base through ``spec``'s quantize -> dequantize round trip.
 
     All of them, not only the adapter's targets: during QLoRA training every Linear layer
     was quantized, and the point of this mode is the model the adapter was trained in.
-    Weights of a base that is already quantized are read dequantized anyway.
+    Weights of a base that is already quantized are read dequantized anyway. The round trip
+    runs on ``device``: bitsandbytes rounds ties differently on CUDA, where QLoRA trains.
     """
     spec.check()
     skip = skip_list(spec, config)
@@ -55,7 +56,7 @@ def merge_into_dequantized(plan: Plan, spec: QuantSpec, config: dict) -> Plan:
     for t in plan.tensors:
         source = t.source
         if source.quantized is None and should_quantize(t.name, source.shape, source.dtype, skip):
-            source = logical(source.name, source.dtype, source.shape, source, RoundTrip(source, spec))
+            source = logical(source.name, source.dtype, source.shape, source, RoundTrip(source, spec, device))
         tensors.append(replace(t, source=source))
     return Plan(tensors, plan.dtype, plan.config_updates)
 
@@ -71,19 +72,20 @@ class RoundTrip:
 
     source: TensorInfo
     spec: QuantSpec
+    device: torch.device
     _state: dict = field(default_factory=dict, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
 
     def read_rows(self, start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
         if self.spec.method == "int8":
-            rows = read_tensor(self.source, start, stop)
-            return quant.dequantize_int8(*quant.quantize_int8(rows.to(torch.float16)))  # as bnb's Int8Params
+            rows = read_tensor(self.source, start, stop).to(self.device, torch.float16)  # as bnb's Int8Params
+            return quant.dequantize_int8(*quant.quantize_int8(rows)).cpu()
         shape, bs = self.source.shape, self.spec.blocksize
         cols, n = math.prod(shape[1:]), math.prod(shape)
         e0, e1 = start * cols, stop * cols
         first, last = e0 // bs * bs, min(-(-e1 // bs) * bs, n)
         r0, r1 = first // cols, -(-last // cols)
-        flat = read_tensor(self.source, r0, r1).reshape(-1)[first - r0 * cols : last - r0 * cols]
+        flat = read_tensor(self.source, r0, r1).reshape(-1)[first - r0 * cols : last - r0 * cols].to(self.device)
         packed, absmax = quant.quantize_blocks_4bit(flat, bs, self.spec.method)
         if self.spec.double_quant:
             absmax = self.dequantized_absmax()[first // bs : first // bs + len(absmax)]
@@ -93,7 +95,7 @@ class RoundTrip:
             self._state["rows_read"] = self._state.get("rows_read", 0) + stop - start
             if self._state["rows_read"] >= self.source.rows:
                 self._state.clear()
-        return values.reshape(-1)[e0 - first : e1 - first].reshape(stop - start, *shape[1:])
+        return values.reshape(-1)[e0 - first : e1 - first].reshape(stop - start, *shape[1:]).cpu()
 
     def dequantized_absmax(self) -> torch.Tensor:
         with self._lock:
@@ -101,7 +103,9 @@ class RoundTrip:
                 rows, bs = self.source.rows, self.spec.blocksize
                 # a multiple of blocksize rows holds whole blocks whatever the row length
                 step = bs * max(1, ROUND_TRIP_CHUNK_ELEMENTS // (math.prod(self.source.shape[1:]) * bs))
-                chunks = (read_tensor(self.source, r, min(r + step, rows)).reshape(-1) for r in range(0, rows, step))
+                chunks = (
+                    read_tensor(self.source, r, min(r + step, rows)).to(self.device) for r in range(0, rows, step)
+                )
                 absmax = torch.cat([quant.quantize_blocks_4bit(c, bs, self.spec.method)[1] for c in chunks])
                 self._state["absmax"] = quant.undo_double_quant(*quant.double_quantize(absmax))
             return self._state["absmax"]

@@ -28,7 +28,6 @@ import math
 import re
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -133,7 +132,7 @@ def is_quantized(tensors: dict[str, TensorInfo]) -> bool:
     return any(BLOB in k or k.endswith(".SCB") or k.endswith(SUFFIXES_4BIT) for k in tensors)
 
 
-def group_quantized(tensors: dict[str, TensorInfo], config: dict, directory: Path) -> dict[str, TensorInfo]:
+def group_quantized(tensors: dict[str, TensorInfo], config: dict) -> dict[str, TensorInfo]:
     """Fold every quantized module's tensors into one logical tensor (``TensorInfo.quantized`` set).
 
     Every inconsistency is a ``ConvertError`` naming the file and tensor: a wrong quant state
@@ -388,8 +387,10 @@ class StreamingQuantizer:
     number of blocks, see ``chunk_rows``) and writes the packed data at its planned offset at once.
     Double quantization needs the absmax of the whole tensor (its offset is their mean), so the
     fp32 absmax (n / blocksize floats) is kept until the last row arrives; then absmax, nested
-    absmax and quant state are written. Usable outside ``convert merge``: plan
-    ``serialized_tensors(...)`` in a ``ShardWriter``, then feed rows here in any order.
+    absmax and quant state are written. Rows may live on any device: the bytes are bitsandbytes'
+    on that device (the absmax stays there too, so double quantization follows the same rule).
+    Usable outside ``convert merge``: plan ``serialized_tensors(...)`` in a ``ShardWriter``, then
+    feed rows here in any order (``quantize_tensor`` does it for a tensor in memory).
     """
 
     writer: ShardWriter
@@ -409,7 +410,6 @@ class StreamingQuantizer:
         self.writer.write(self.name + ".quant_map", codes(self.spec.method))
         if self.spec.double_quant:
             self.writer.write(self.name + ".nested_quant_map", quant.DYNAMIC_CODE)
-            self._absmax = torch.empty(-(-math.prod(self.shape) // self.spec.blocksize))
         else:
             self.writer.write(
                 self.name + BLOB + self.spec.method, _bytes(quant_state_blob(self.shape, self.dtype, self.spec, None))
@@ -426,10 +426,13 @@ class StreamingQuantizer:
             assert e0 % bs == 0, "a 4-bit chunk must start on a block boundary"
             packed, absmax = quant.quantize_blocks_4bit(rows.reshape(-1), bs, self.spec.method)
             self.writer.write(self.name, packed.cpu(), e0 // 2)
-            if self._absmax is None:
+            if not self.spec.double_quant:
                 self.writer.write(self.name + ".absmax", absmax.cpu(), e0 // bs * 4)
             else:
-                self._absmax[e0 // bs : e0 // bs + len(absmax)] = absmax.cpu()
+                with self._lock:
+                    if self._absmax is None:
+                        self._absmax = torch.empty(-(-math.prod(self.shape) // bs), device=absmax.device)
+                self._absmax[e0 // bs : e0 // bs + len(absmax)] = absmax
         with self._lock:
             self._rows_left -= len(rows)
             last = self._rows_left == 0

@@ -338,3 +338,29 @@ def test_quantize_tensor_in_chunks_equals_bitsandbytes(shape, dtype, spec, tmp_p
     assert ours.keys() == expected.keys()
     for name, tensor in ours.items():
         assert (blob(tensor) == blob(expected[name])) if "quant_state" in name else same_bytes(tensor, expected[name])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the GPU machine)")
+def test_cuda_quantized_in_and_out(models, tmp_path) -> None:
+    """On the GPU: a 4-bit base merges as on the CPU (dequantization rounds once, on every device), and
+    --quantize gives bitsandbytes' CUDA bytes (the kernels' CUDA rule, checked by quant-core's torch oracle)."""
+    from convert.kernels.quant import double_quantize, quantize_blocks_4bit_torch
+
+    adapter = models["adapter"]
+    merge(models["nf4-dq"], adapter, tmp_path / "cuda", device="cuda", dtype="bf16")
+    merge(models["nf4-dq"], adapter, tmp_path / "cpu", device="cpu", dtype="bf16")
+    cpu = load_output(tmp_path / "cpu")
+    for name, tensor in load_output(tmp_path / "cuda").items():
+        assert_equal_or_1ulp(tensor, cpu[name], name)
+
+    merge(models["base16"], adapter, tmp_path / "m16", device="cuda")
+    merge(models["base16"], adapter, tmp_path / "q", device="cuda", quantize="nf4", chunk_size=4 * 64 * 3)
+    ours = load_output(tmp_path / "q")
+    for name, w in load_output(tmp_path / "m16").items():
+        if name.endswith("proj.weight"):
+            packed, absmax = quantize_blocks_4bit_torch(w.cuda(), 64, "nf4", rule="cuda")
+            qabsmax, nested, offset = double_quantize(absmax)
+            assert torch.equal(ours[name].view(-1), packed.cpu()), name
+            assert torch.equal(ours[name + ".absmax"], qabsmax.cpu()), name
+            assert torch.equal(ours[name + ".nested_absmax"], nested.cpu()), name
+            assert blob(ours[name + ".quant_state.bitsandbytes__nf4"])["nested_offset"] == offset, name

@@ -3,7 +3,7 @@
     python tools/measure_merge_into.py [--workdir /tmp/merge-into] [--results tools/results/merge_into.md]
 
 Builds a bf16 Llama-shaped model (hidden 1024, intermediate 2816, 2 layers) and an r=16
-all-linear LoRA adapter whose delta is about 2% of the weights, then merges the adapter
+all-linear LoRA adapter whose delta is about 1% of the weights, then merges the adapter
 into the 16-bit base both ways (`--merge-into original` and `dequantized`, NF4 with double
 quantization, blocksize 64: transformers' QLoRA settings). The QLoRA model's effective
 weight is computed independently with bitsandbytes: dequantize_4bit(quantize_4bit(W)) + delta
@@ -49,7 +49,7 @@ def build(workdir: Path) -> tuple[Path, Path]:
     AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules="all-linear"))
-    with torch.no_grad():  # a trained-looking B: delta about 2% of the weight's norm
+    with torch.no_grad():  # a trained-looking B: delta about 1% of the weight norm
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.0015)
