@@ -35,14 +35,16 @@ class MergeResult:
     out: Path
     files: list[str]
     merged: int  # tensors changed by the adapter
-    copied: int  # tensors written unchanged (byte copies and casts)
+    copied: int  # tensors written unchanged (byte copies and casts), not quantized
     bytes_written: int
     seconds: float
     peak_rss_bytes: int
+    quantized: int = 0  # tensors written bitsandbytes-quantized (merged or not)
 
     def summary(self) -> str:
+        quantized = f", quantized {self.quantized}" if self.quantized else ""
         return (
-            f"merged {self.merged} tensors, copied {self.copied}, wrote {human_bytes(self.bytes_written)} "
+            f"merged {self.merged} tensors, copied {self.copied}{quantized}, wrote {human_bytes(self.bytes_written)} "
             f"to {self.out} in {self.seconds:.1f} s, peak RSS {human_bytes(self.peak_rss_bytes)}"
         )
 
@@ -139,10 +141,11 @@ def merge(
         out=out,
         files=sorted(files),
         merged=merged,
-        copied=len(plan.tensors) - merged,
+        copied=sum(t.delta is None and t.quant is None for t in plan.tensors),
         bytes_written=sum((out / f).stat().st_size for f in files),
         seconds=time.perf_counter() - started,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        quantized=sum(t.quant is not None for t in plan.tensors),
     )
 
 
