@@ -128,8 +128,8 @@ def test_merge_from_quantized_base_equals_peft_on_dequantized_model(kind, models
 
 QUANTIZE = {
     # name: (convert options, BitsAndBytesConfig of the same settings)
-    "nf4-dq": (
-        dict(quantize="nf4"),
+    "nf4-dq-sharded": (
+        dict(quantize="nf4", max_shard_size="20KB"),
         dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
     ),
     "fp4": (dict(quantize="fp4", double_quant=False), dict(load_in_4bit=True, bnb_4bit_quant_type="fp4")),
