@@ -11,8 +11,10 @@ that the delta is added to the weights the adapter actually saw.
 from __future__ import annotations
 
 import math
+import re
 import threading
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
@@ -23,6 +25,8 @@ from formats.errors import ConvertError
 from formats.safetensors_file import TensorInfo, read_tensor
 
 MERGE_INTO = ("original", "dequantized")
+# How PEFT's ``PeftModel.create_or_update_model_card`` records the base's quantization in an adapter's README.md.
+RECORD_PREFIX = "The following `bitsandbytes` quantization config was used during training:"
 ROUND_TRIP_CHUNK_ELEMENTS = 1 << 22  # the absmax pre-pass of double quantization reads this much at a time
 
 
@@ -109,6 +113,30 @@ class RoundTrip:
                 absmax = torch.cat([quant.quantize_blocks_4bit(c, bs, self.spec.method)[1] for c in chunks])
                 self._state["absmax"] = quant.undo_double_quant(*quant.double_quantize(absmax))
             return self._state["absmax"]
+
+
+def training_spec(spec: QuantSpec, train_quant: str | None, adapter_dir: Path | None) -> QuantSpec:
+    """The quantization a QLoRA adapter was trained through: ``train_quant`` (with ``spec``'s blocksize and
+    double quant) when given, else what PEFT recorded in the adapter's README.md, else NF4."""
+    readme = adapter_dir / "README.md" if adapter_dir is not None else None
+    if train_quant is not None or readme is None or not readme.is_file():
+        return replace(spec, method=train_quant or "nf4")
+    lines = [line.strip() for line in readme.read_text(errors="replace").splitlines()]
+    if RECORD_PREFIX not in lines:
+        return replace(spec, method="nf4")
+    recorded = {}
+    for line in lines[lines.index(RECORD_PREFIX) + 1 :]:
+        field_match = re.fullmatch(r"- (\w+): (.*)", line)
+        if field_match is None and recorded:
+            break
+        if field_match is not None:
+            recorded[field_match[1]] = field_match[2]
+    if recorded.get("load_in_8bit") == "True":
+        return replace(spec, method="int8")
+    if recorded.get("load_in_4bit") != "True" or recorded.get("bnb_4bit_quant_type") not in ("nf4", "fp4"):
+        raise ConvertError(f"{readme}: the recorded training quantization is neither 4-bit nor 8-bit: {recorded}")
+    double = recorded.get("bnb_4bit_use_double_quant") == "True"
+    return replace(spec, method=recorded["bnb_4bit_quant_type"], double_quant=double, blocksize=64)  # transformers'
 
 
 def check_merge_into(merge_into: str) -> None:

@@ -10,6 +10,7 @@ CPU dequantize kernel mis-reads blocks that straddle rows (see ``test_bnb_cpu_ke
 from __future__ import annotations
 
 import json
+import shutil
 from copy import copy
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from safetensors.torch import save_file
 
 from convert import merge
 from convert.cli import main
+from convert.quantize import RECORD_PREFIX
 from formats import bnb as bnb_format
 from formats.bnb import QuantSpec, quantize_tensor, serialized_tensors
 from formats.checkpoint import open_checkpoint
@@ -242,6 +244,21 @@ def test_merge_into_dequantized_is_the_qlora_model(kind, models, tmp_path) -> No
         assert_equal_or_1ulp(tensor, reference[name], name)
     changed = [n for n in deq if not torch.equal(deq[n], orig[n])]
     assert len(changed) == 14 and all(n.endswith("proj.weight") for n in changed)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_merge_into_takes_the_quantization_peft_recorded(kind, models, tmp_path) -> None:
+    """No --train-quant: the settings PEFT wrote into the adapter's README.md (older PEFT versions do,
+    in this format, from the BitsAndBytesConfig) win over the defaults (nf4 with double quant)."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(models["adapter"], adapter)
+    fields = transformers.BitsAndBytesConfig(**BNB[kind]).to_dict()
+    record = "\n".join(f"- {name}: {value}" for name, value in fields.items())
+    (adapter / "README.md").write_text(f"# adapter\n\n## Training procedure\n\n{RECORD_PREFIX}\n{record}\n\n## More\n")
+    merge(models["base16"], adapter, tmp_path / "deq", device="cpu", merge_into="dequantized")
+    reference = dequantized_merge(models[kind], adapter).state_dict()
+    for name, tensor in load_output(tmp_path / "deq").items():
+        assert_equal_or_1ulp(tensor, reference[name], name)
 
 
 @pytest.mark.parametrize("quant_type,double_quant", [("fp4", False), ("nf4", True)])
