@@ -143,37 +143,46 @@ def group_quantized(tensors: dict[str, TensorInfo], config: dict) -> dict[str, T
     qconfig = config.get("quantization_config") or {}
     config_dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
     int8_dtype = {v: k for k, v in TORCH_NAMES.items()}.get(str(config_dtype).removeprefix("torch."), "F32")
-    owners: dict[str, str] = {}  # companion tensor -> the weight it belongs to
-    for key in tensors:
-        if BLOB in key:
-            owners[key] = key.split(BLOB)[0]
-        elif key.endswith(SUFFIXES_4BIT):
-            owners[key] = key.rsplit(".", 1)[0]
-        elif key.endswith(".SCB"):
-            owners[key] = key[: -len("SCB")] + "weight"
-        elif key.endswith(".weight_format"):
-            owners[key] = key[: -len("_format")]
-    weights = set(owners.values())
+    parts: dict[str, dict[str, TensorInfo]] = {}  # weight -> its companion tensors, by suffix (".absmax", ...)
+    for key, info in tensors.items():
+        weight, suffix = companion_of(key)
+        if weight is not None:
+            parts.setdefault(weight, {})[suffix] = info
     if qconfig.get("load_in_4bit"):  # a packed weight whose quant state is missing entirely
-        weights |= {
-            k for k, t in tensors.items() if k.endswith(".weight") and t.shape[1:] == (1,) and len(t.shape) == 2
-        }
+        for key, info in tensors.items():
+            if key.endswith(".weight") and len(info.shape) == 2 and info.shape[1] == 1:
+                parts.setdefault(key, {})
     out: dict[str, TensorInfo] = {}
     for key, info in tensors.items():
-        if key in owners:
+        if companion_of(key)[0] is not None:
             continue
-        if key not in weights:
+        if key not in parts:
             out[key] = info
-            continue
-        if key.removesuffix(".weight") + ".SCB" in tensors or key + "_format" in tensors:
+        elif {".SCB", "_format"} & parts[key].keys():
             out[key] = _int8_tensor(key, info, tensors, int8_dtype)
         else:
-            parts = {k[len(key) :]: t for k, t in tensors.items() if owners.get(k) == key}
-            out[key] = _4bit_tensor(key, info, parts)
-    for companion, weight in owners.items():
+            out[key] = _4bit_tensor(key, info, parts[key])
+    for weight, companions in parts.items():
         if weight not in tensors:
-            raise ConvertError(f"{tensors[companion].path}: tensor '{companion}': its weight '{weight}' is missing")
+            companion = next(iter(companions.values()))
+            raise ConvertError(f"{companion.path}: tensor '{companion.name}': its weight '{weight}' is missing")
     return out
+
+
+def companion_of(key: str) -> tuple[str | None, str]:
+    """(the weight a quant-state tensor belongs to, its suffix): ``X.weight.absmax`` -> (``X.weight``,
+    ``.absmax``), ``X.SCB`` -> (``X.weight``, ``.SCB``); (None, "") for any other tensor."""
+    if BLOB in key:
+        weight = key.split(BLOB)[0]
+    elif key.endswith(SUFFIXES_4BIT):
+        weight = key.rsplit(".", 1)[0]
+    elif key.endswith(".SCB"):
+        return key[: -len("SCB")] + "weight", ".SCB"
+    elif key.endswith(".weight_format"):
+        weight = key[: -len("_format")]
+    else:
+        return None, ""
+    return weight, key[len(weight) :]
 
 
 def _int8_tensor(key: str, weight: TensorInfo, tensors: dict[str, TensorInfo], dtype: str) -> TensorInfo:

@@ -112,6 +112,16 @@ def test_reader_dequantizes_like_bitsandbytes(kind, models, monkeypatch) -> None
         assert torch.equal(torch.cat(chunks), expected), name
 
 
+def test_int8_without_weight_format(models, tmp_path) -> None:
+    """Older transformers saved an int8 weight as weight + SCB only: read the same."""
+    state = {k: v for k, v in load_output(models["int8"]).items() if not k.endswith("weight_format")}
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text((models["int8"] / "config.json").read_text())
+    old, new = open_checkpoint(tmp_path).tensors, open_checkpoint(models["int8"]).tensors
+    assert old.keys() == new.keys() and sum(t.quantized is not None for t in old.values()) == 14
+    assert all(torch.equal(read_tensor(old[k]), read_tensor(new[k])) for k in old)
+
+
 @pytest.mark.parametrize("kind", ["nf4-dq", "fp4-dq", "int8"])
 def test_merge_from_quantized_base_equals_peft_on_dequantized_model(kind, models, tmp_path) -> None:
     out = tmp_path / "out"
