@@ -22,8 +22,8 @@ from tqdm import tqdm
 from convert.pipeline import DEFAULT_CHUNK_BYTES, run_plan
 from convert.plan import build_plan
 from convert.quantize import check_merge_into, merge_into_dequantized, quantize_plan, training_spec
+from formats import bnb  # the module, not names: it imports convert.kernels, so may be mid-import
 from formats.adapter import open_adapter
-from formats.bnb import QuantSpec
 from formats.checkpoint import open_checkpoint
 from formats.errors import ConvertError
 from formats.hf_files import copy_side_files, write_config, write_model_card
@@ -99,7 +99,7 @@ def merge(
     peft = open_adapter(adapter_dir) if adapter_dir is not None else None
     plan = build_plan(ckpt, peft, dtype)
     check_merge_into(merge_into)
-    spec = QuantSpec(quantize or "nf4", blocksize, double_quant, quant_storage, compute_dtype, (*skip_modules,))
+    spec = bnb.QuantSpec(quantize or "nf4", blocksize, double_quant, quant_storage, compute_dtype, (*skip_modules,))
     if merge_into == "dequantized":
         trained = training_spec(spec, train_quant, adapter_dir)
         plan = merge_into_dequantized(plan, trained, ckpt.config, torch_device)

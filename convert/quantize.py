@@ -20,7 +20,7 @@ import torch
 
 from convert.kernels import quant
 from convert.plan import Plan
-from formats.bnb import QuantSpec, logical, quantization_config, should_quantize
+from formats import bnb  # the module, not names: it imports convert.kernels, so may be mid-import
 from formats.errors import ConvertError
 from formats.safetensors_file import TensorInfo, read_tensor
 
@@ -30,23 +30,25 @@ RECORD_PREFIX = "The following `bitsandbytes` quantization config was used durin
 ROUND_TRIP_CHUNK_ELEMENTS = 1 << 22  # the absmax pre-pass of double quantization reads this much at a time
 
 
-def skip_list(spec: QuantSpec, config: dict) -> list[str]:
+def skip_list(spec: bnb.QuantSpec, config: dict) -> list[str]:
     """Modules kept 16-bit: lm_head (as transformers), the user's, and those the base already skipped."""
     base_skip = (config.get("quantization_config") or {}).get("llm_int8_skip_modules") or []
     return list(dict.fromkeys(["lm_head", *spec.skip_modules, *base_skip]))
 
 
-def quantize_plan(plan: Plan, spec: QuantSpec, config: dict) -> Plan:
+def quantize_plan(plan: Plan, spec: bnb.QuantSpec, config: dict) -> Plan:
     """Write every Linear weight bitsandbytes-quantized, and record ``quantization_config``."""
     spec.check()
     skip = skip_list(spec, config)
     spec = replace(spec, skip_modules=tuple(skip))
-    tensors = [replace(t, quant=spec) if should_quantize(t.name, t.shape, t.dtype, skip) else t for t in plan.tensors]
-    updates = {**plan.config_updates, "quantization_config": quantization_config(spec, plan.dtype)}
+    tensors = [
+        replace(t, quant=spec) if bnb.should_quantize(t.name, t.shape, t.dtype, skip) else t for t in plan.tensors
+    ]
+    updates = {**plan.config_updates, "quantization_config": bnb.quantization_config(spec, plan.dtype)}
     return Plan(tensors, plan.dtype, updates)
 
 
-def merge_into_dequantized(plan: Plan, spec: QuantSpec, config: dict, device: torch.device) -> Plan:
+def merge_into_dequantized(plan: Plan, spec: bnb.QuantSpec, config: dict, device: torch.device) -> Plan:
     """Read each Linear weight of a 16-bit base through ``spec``'s quantize -> dequantize round trip.
 
     All of them, not only the adapter's targets: during QLoRA training every Linear layer
@@ -59,8 +61,8 @@ def merge_into_dequantized(plan: Plan, spec: QuantSpec, config: dict, device: to
     tensors = []
     for t in plan.tensors:
         source = t.source
-        if source.quantized is None and should_quantize(t.name, source.shape, source.dtype, skip):
-            source = logical(source.name, source.dtype, source.shape, source, RoundTrip(source, spec, device))
+        if source.quantized is None and bnb.should_quantize(t.name, source.shape, source.dtype, skip):
+            source = bnb.logical(source.name, source.dtype, source.shape, source, RoundTrip(source, spec, device))
         tensors.append(replace(t, source=source))
     return Plan(tensors, plan.dtype, plan.config_updates)
 
@@ -75,7 +77,7 @@ class RoundTrip:
     """
 
     source: TensorInfo
-    spec: QuantSpec
+    spec: bnb.QuantSpec
     device: torch.device
     _state: dict = field(default_factory=dict, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
@@ -115,7 +117,7 @@ class RoundTrip:
             return self._state["absmax"]
 
 
-def training_spec(spec: QuantSpec, train_quant: str | None, adapter_dir: Path | None) -> QuantSpec:
+def training_spec(spec: bnb.QuantSpec, train_quant: str | None, adapter_dir: Path | None) -> bnb.QuantSpec:
     """The quantization a QLoRA adapter was trained through: ``train_quant`` (with ``spec``'s blocksize and
     double quant) when given, else what PEFT recorded in the adapter's README.md, else NF4."""
     readme = adapter_dir / "README.md" if adapter_dir is not None else None

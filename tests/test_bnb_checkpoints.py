@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from copy import copy
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from formats.safetensors_file import DTYPE_NAMES, read_tensor
 from formats.writer import ShardWriter
 from tests.conftest import (
     DTYPES,
+    ROOT,
     SIZES,
     assert_equal_or_1ulp,
     load_output,
@@ -392,3 +395,12 @@ def test_cuda_quantized_in_and_out(models, tmp_path) -> None:
             assert torch.equal(ours[name + ".absmax"], qabsmax.cpu()), name
             assert torch.equal(ours[name + ".nested_absmax"], nested.cpu()), name
             assert blob(ours[name + ".quant_state.bitsandbytes__nf4"])["nested_offset"] == offset, name
+
+
+@pytest.mark.parametrize("first", ["formats.bnb", "formats.checkpoint", "convert.plan"])
+def test_import_order(first, models) -> None:
+    """formats.bnb and the convert package import each other: any module may be imported first."""
+    code = f"import {first}\nfrom formats.checkpoint import open_checkpoint\nfrom convert import merge\n"
+    code += f"print(callable(merge), len(open_checkpoint({str(models['nf4'])!r}).tensors))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0 and result.stdout.split()[-2:] == ["True", "21"], result.stderr
