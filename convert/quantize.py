@@ -39,6 +39,7 @@ def skip_list(spec: bnb.QuantSpec, config: dict) -> list[str]:
 def quantize_plan(plan: Plan, spec: bnb.QuantSpec, config: dict) -> Plan:
     """Write every Linear weight bitsandbytes-quantized, and record ``quantization_config``."""
     spec.check()
+    bnb.check_not_conv1d(config, "--quantize")
     skip = skip_list(spec, config)
     spec = replace(spec, skip_modules=tuple(skip))
     tensors = [
@@ -57,6 +58,7 @@ def merge_into_dequantized(plan: Plan, spec: bnb.QuantSpec, config: dict, device
     runs on ``device``: bitsandbytes rounds ties differently on CUDA, where QLoRA trains.
     """
     spec.check()
+    bnb.check_not_conv1d(config, "--merge-into dequantized")
     skip = skip_list(spec, config)
     tensors = []
     for t in plan.tensors:

@@ -48,6 +48,8 @@ SUFFIXES_4BIT = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
 # before the double-quant offset is known, so its JSON is padded with spaces (valid JSON) to this.
 MAX_FLOAT_REPR = 24
 DEQUANT_TILE = 1 << 18  # values dequantized per kernel call while reading
+# Models whose Linear layers are transformers' Conv1D ((in, out) weights), which bitsandbytes stores transposed.
+CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
 
 
 def codes(quant_type: str) -> torch.Tensor:
@@ -140,6 +142,7 @@ def group_quantized(tensors: dict[str, TensorInfo], config: dict) -> dict[str, T
     """
     if not is_quantized(tensors):
         return tensors
+    check_not_conv1d(config, next(t for k, t in tensors.items() if companion_of(k)[0] is not None).path)
     qconfig = config.get("quantization_config") or {}
     config_dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
     int8_dtype = {v: k for k, v in TORCH_NAMES.items()}.get(str(config_dtype).removeprefix("torch."), "F32")
@@ -167,6 +170,15 @@ def group_quantized(tensors: dict[str, TensorInfo], config: dict) -> dict[str, T
             companion = next(iter(companions.values()))
             raise ConvertError(f"{companion.path}: tensor '{companion.name}': its weight '{weight}' is missing")
     return out
+
+
+def check_not_conv1d(config: dict, where: object) -> None:
+    """Refuse quantization with Conv1D models: their weights are quantized transposed, which is not done here yet."""
+    if config.get("model_type") in CONV1D_MODEL_TYPES:
+        raise ConvertError(
+            f"{where}: {config['model_type']} models have Conv1D layers, which bitsandbytes stores transposed; "
+            "quantized checkpoints of them are not supported yet"
+        )
 
 
 def companion_of(key: str) -> tuple[str | None, str]:

@@ -37,6 +37,7 @@ from tests.conftest import (
     assert_equal_or_1ulp,
     load_output,
     make_adapter,
+    make_base,
     peft,
     read_config,
     transformers,
@@ -404,3 +405,13 @@ def test_import_order(first, models) -> None:
     code += f"print(callable(merge), len(open_checkpoint({str(models['nf4'])!r}).tensors))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0 and result.stdout.split()[-2:] == ["True", "21"], result.stderr
+
+
+def test_conv1d_models_are_refused(tmp_path) -> None:
+    """GPT-2's Conv1D weights are stored transposed by bitsandbytes: refused in and out, never merged wrong."""
+    base = make_base(tmp_path / "base", "gpt2")
+    adapter = make_adapter(tmp_path / "adapter", base, r=4, lora_alpha=8, fan_in_fan_out=True, target_modules=["c_fc"])
+    load_quantized(base, **BNB["nf4"]).save_pretrained(tmp_path / "nf4")
+    assert "stores transposed" in run_failing(tmp_path, tmp_path / "nf4", adapter)
+    assert "--quantize: gpt2" in run_failing(tmp_path, base, adapter, None, "--quantize", "nf4")
+    assert "--merge-into dequantized: gpt2" in run_failing(tmp_path, base, adapter, None, "--merge-into", "dequantized")
