@@ -76,11 +76,11 @@ def logits(model) -> torch.Tensor:
         return model(input_ids=IDS).logits.float()
 
 
-def dequantized_merge(quantized: Path, adapter: Path):
+def dequantized_merge(quantized: Path, adapter: Path, dtype: torch.dtype = torch.bfloat16):
     """The reference: transformers dequantizes the bnb model, PEFT merges the adapter into it, in fp32
-    (as PEFT merges into a bnb layer: dequantized weight + fp32 delta), rounded once to bf16."""
+    (as PEFT merges into a bnb layer: dequantized weight + fp32 delta), rounded once to ``dtype``."""
     model = load_quantized(quantized, dtype=torch.float32).dequantize()
-    return peft.PeftModel.from_pretrained(model, adapter).merge_and_unload().to(torch.bfloat16)
+    return peft.PeftModel.from_pretrained(model, adapter).merge_and_unload().to(dtype)
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +91,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     paths = {"base16": base, "adapter": adapter}
     for kind in BNB:
         paths[kind] = quantize_with_transformers(base, root / kind, kind)
+    paths["nf4-dq-fp16"] = quantize_with_transformers(make_base64(root / "fp16", "fp16"), root / "nf4-fp16", "nf4-dq")
     return paths
 
 
@@ -126,11 +127,13 @@ def test_int8_without_weight_format(models, tmp_path) -> None:
     assert all(torch.equal(read_tensor(old[k]), read_tensor(new[k])) for k in old)
 
 
-@pytest.mark.parametrize("kind", ["nf4-dq", "fp4-dq", "int8"])
-def test_merge_from_quantized_base_equals_peft_on_dequantized_model(kind, models, tmp_path) -> None:
+@pytest.mark.parametrize(
+    "kind,dtype", [("nf4-dq", "bf16"), ("fp4-dq", "bf16"), ("int8", "bf16"), ("nf4-dq-fp16", "fp32")]
+)
+def test_merge_from_quantized_base_equals_peft_on_dequantized_model(kind, dtype, models, tmp_path) -> None:
     out = tmp_path / "out"
-    merge(models[kind], models["adapter"], out, dtype="bf16", device="cpu")
-    reference = dequantized_merge(models[kind], models["adapter"])
+    merge(models[kind], models["adapter"], out, dtype=dtype, device="cpu")
+    reference = dequantized_merge(models[kind], models["adapter"], DTYPES[dtype])
     expected = reference.state_dict()
     ours = load_output(out)
     assert ours.keys() == expected.keys()
