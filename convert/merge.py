@@ -7,6 +7,7 @@ renamed to the output only once everything is written.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import os
 import resource
@@ -22,7 +23,9 @@ from convert.output_dir import fault_point, fingerprint, open_stage
 from convert.pipeline import DEFAULT_CHUNK_BYTES, run_plan
 from convert.plan import build_plan
 from convert.push import HubTarget, Upload
+from convert.quantize import check_merge_into, merge_into_dequantized, quantize_plan, training_spec
 from convert.validate import check_finite
+from formats import bnb  # the module, not names: it imports convert.kernels, so may be mid-import
 from formats.adapter import Adapter, open_adapter
 from formats.checkpoint import INDEX_NAMES, Checkpoint, open_checkpoint
 from formats.errors import ConvertError
@@ -36,16 +39,18 @@ class MergeResult:
     out: Path
     files: list[str]
     merged: int  # tensors changed by the adapter
-    copied: int  # tensors written unchanged (byte copies and casts)
+    copied: int  # tensors written unchanged (byte copies and casts), not quantized
     bytes_written: int
     seconds: float
     peak_rss_bytes: int
+    quantized: int = 0  # tensors written bitsandbytes-quantized (merged or not)
     commit_url: str | None = None  # the Hub commit, with push_to_hub
 
     def summary(self) -> str:
+        quantized = f", quantized {self.quantized}" if self.quantized else ""
         pushed = f", pushed {self.commit_url}" if self.commit_url else ""
         return (
-            f"merged {self.merged} tensors, copied {self.copied}, wrote {human_bytes(self.bytes_written)} "
+            f"merged {self.merged} tensors, copied {self.copied}{quantized}, wrote {human_bytes(self.bytes_written)} "
             f"to {self.out} in {self.seconds:.1f} s, peak RSS {human_bytes(self.peak_rss_bytes)}{pushed}"
         )
 
@@ -65,6 +70,14 @@ def merge(
     chunk_size: int | str = DEFAULT_CHUNK_BYTES,
     overwrite: bool = False,
     quiet: bool = True,
+    quantize: str | None = None,
+    double_quant: bool = True,
+    blocksize: int = 64,
+    quant_storage: str = "uint8",
+    compute_dtype: str = "auto",
+    skip_modules: tuple[str, ...] = (),
+    merge_into: str = "original",
+    train_quant: str | None = None,
     revision: str | None = None,
     token: str | None = None,
     keep_downloads: bool = True,
@@ -75,6 +88,11 @@ def merge(
     """Merge ``adapter`` into ``base`` and write the result to ``out``; the CLI's ``convert merge``.
 
     With ``adapter=None`` the base is rewritten (resharded, or cast with ``dtype``).
+    A bitsandbytes-quantized base is dequantized as it is read; ``quantize`` (nf4, fp4, int8)
+    writes the output quantized, with the bitsandbytes settings that follow it. ``merge_into=
+    "dequantized"`` adds the delta to a 16-bit base's weights rounded through the quantization a
+    QLoRA adapter was trained against: ``train_quant`` (blocksize and double_quant as above) or,
+    when None, what PEFT recorded in the adapter's README.md, else NF4.
     ``base`` and ``adapter`` may be Hub repo ids (``org/name``, ``org/name@revision``;
     ``revision`` applies to both otherwise): see ``formats.hub``. With ``push_to_hub``
     the output is also uploaded as it is written and committed when complete: see ``convert.push``.
@@ -104,11 +122,26 @@ def merge(
         raise ConvertError(f"{base / 'config.json'}: missing (not a Hugging Face model directory)")
     peft = open_adapter(adapter_dir) if adapter_dir is not None else None
     plan = build_plan(ckpt, peft, dtype)
+    check_merge_into(merge_into)
+    spec = bnb.QuantSpec(quantize or "nf4", blocksize, double_quant, quant_storage, compute_dtype, (*skip_modules,))
+    if merge_into == "dequantized":
+        trained = training_spec(spec, train_quant, adapter_dir)
+        plan = merge_into_dequantized(plan, trained, ckpt.config, torch_device)
+    if quantize is not None:
+        plan = quantize_plan(plan, spec, ckpt.config)
 
     if peft is not None:
         check_finite(peft, allow_nonfinite)
-    planned = [t.planned for t in plan.tensors]
-    options = {"dtype": dtype, "device": torch_device.type, "max_shard_size": shard_bytes, "chunk_size": chunk_bytes}
+    planned = [p for t in plan.tensors for p in t.serialized]
+    options = {
+        "dtype": dtype,
+        "device": torch_device.type,
+        "max_shard_size": shard_bytes,
+        "chunk_size": chunk_bytes,
+        "quantize": dataclasses.asdict(spec) if quantize else None,
+        "merge_into": merge_into,
+        "train_quant": train_quant,
+    }
     fp = fingerprint("merge", options, input_files(ckpt, peft))
     needed = sum(t.nbytes for t in planned)
     stage = open_stage(out, fp, resume=resume, overwrite=overwrite, needed_bytes=needed)
@@ -123,7 +156,8 @@ def merge(
                 upload.file_done(name)
 
         writer = ShardWriter(tmp, planned, shard_bytes, shard_done, done=stage.done)
-        todo = [t for t in plan.tensors if t.name not in writer.kept_tensors]  # resumed: finished shards stay
+        # Resumed: tensors whose every serialized part lies in a finished shard stay as they are.
+        todo = [t for t in plan.tensors if not all(p.name in writer.kept_tensors for p in t.serialized)]
         total = sum(t.planned.nbytes for t in todo)
         show = not quiet and sys.stderr.isatty()
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not show, desc="merge") as bar:
@@ -135,22 +169,28 @@ def merge(
             for part in hub.stages(todo) if hub else [todo]:  # Hub: one base shard at a time
                 run_plan(part, writer, torch_device, chunk_bytes, progress)
         files = writer.finish()
-        write_config(ckpt.config, tmp, plan.dtype, plan.config_updates)
+        config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}  # plan's, if quantized
+        write_config(config, tmp, plan.dtype, plan.config_updates)
         files += ["config.json", *copy_side_files([base, *([adapter_dir] if adapter_dir else [])], tmp)]
-        if peft is not None:
-            base_name = peft.config.get("base_model_name_or_path") or ""
+        if peft is not None or quantize is not None:
+            base_name = (peft.config.get("base_model_name_or_path") or "") if peft is not None else ""
             if hub:
                 base_name = hub.repo_id
             elif not base_name or Path(base_name).is_absolute() or base_name.startswith("."):
                 base_name = base.resolve().name  # a local path says nothing to readers of the card
-            settings = {
-                "dtype": dtype,
-                "adapter r": str(peft.config.get("r")),
-                "lora_alpha": str(peft.config.get("lora_alpha")),
-                **({"base revision": hub.commit} if hub else {}),
-                "ckpt-convert": version(),
-            }
-            write_model_card(tmp, base_name, adapter_repo[0] if adapter_repo else adapter_dir.resolve().name, settings)
+            settings = {"dtype": dtype}
+            if peft is not None:
+                settings |= {"adapter r": str(peft.config.get("r")), "lora_alpha": str(peft.config.get("lora_alpha"))}
+            if quantize:
+                settings["quantize"] = f"{quantize} (blocksize {blocksize}, double quant {double_quant})"
+            if merge_into != "original":
+                settings["merge into"] = merge_into
+            if hub:
+                settings["base revision"] = hub.commit
+            settings["ckpt-convert"] = version()
+            adapter_name = adapter_repo[0] if adapter_repo else adapter_dir.resolve().name if adapter_dir else None
+            relation = "merge" if peft is not None else "quantized"
+            write_model_card(tmp, base_name, adapter_name, settings, relation)
             files.append("README.md")
         commit_url = upload.commit(files, "Upload model written by ckpt-convert") if upload else None
         stage.publish()
@@ -169,10 +209,11 @@ def merge(
         out=out,
         files=sorted(files),
         merged=merged,
-        copied=len(plan.tensors) - merged,
+        copied=sum(t.delta is None and t.quant is None for t in plan.tensors),
         bytes_written=sum((out / f).stat().st_size for f in files),
         seconds=time.perf_counter() - started,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        quantized=sum(t.quant is not None for t in plan.tensors),
         commit_url=commit_url,
     )
 

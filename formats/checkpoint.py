@@ -58,7 +58,10 @@ def open_checkpoint(directory: str | Path, shards: ShardFiles = ShardFiles()) ->
                 raise ConvertError(f"{files[0]}: a symbolic link that leaves the model directory")
         else:
             continue
-        return Checkpoint(directory, config, loader(files, directory, index_name), files)
+        from formats.bnb import group_quantized  # here: bnb needs convert.kernels, whose package imports this
+
+        tensors = group_quantized(loader(files, directory, index_name), config)
+        return Checkpoint(directory, config, tensors, files)
     raise ConvertError(f"{directory}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin found")
 
 
