@@ -195,12 +195,15 @@ def quantize_command(base, out, device, max_shard_size, overwrite, quiet, quanti
 @main.command("inspect")
 @click.argument("path", metavar="PATH")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, for scripts.")
-def inspect_command(path, as_json) -> None:
-    """Describe a model or adapter directory: format, dtypes, parameters, quantization, shards, LoRA settings."""
+@click.option("--revision", metavar="REV", help="With a Hub repo id: branch, tag or commit.")
+@click.option("--token", metavar="TOKEN", envvar="HF_TOKEN", help="Hub token; default: HF_TOKEN or the saved login.")
+def inspect_command(path, as_json, revision, token) -> None:
+    """Describe a model or adapter (directory or Hub repo id): format, dtypes, parameters, quantization,
+    shards, LoRA settings."""
     from convert.inspection import describe, render
 
     try:
-        info = describe(path)
+        info = describe(path, revision, token)
     except ConvertError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)

@@ -10,43 +10,39 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
 from convert.lora import get_pattern_key
+from formats import bnb
 from formats.adapter import open_adapter
-from formats.checkpoint import open_checkpoint
+from formats.checkpoint import Checkpoint, open_checkpoint
 from formats.errors import ConvertError
-from formats.safetensors_file import TensorInfo, read_tensor
-
-# Suffixes of the tensors bitsandbytes stores beside a quantized weight (transformers' serialization).
-BNB_4BIT_STATE = re.compile(r"\.quant_state\.bitsandbytes__(nf4|fp4)$")
-BNB_AUX = re.compile(
-    r"\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\.bitsandbytes__(nf4|fp4)|SCB|weight_format)$"
-)
+from formats.hub import fetch_adapter, open_hub_model, parse_repo_id, repo_files
+from formats.safetensors_file import TensorInfo
 
 
-def local_path(spec: str) -> Path:
-    """The local directory a command line names.
+def describe(spec: str, revision: str | None = None, token: str | None = None) -> dict:
+    """Describe a model directory or, when it holds ``adapter_config.json``, a PEFT adapter.
 
-    The one place where a Hub id (``org/name``) will be resolved to a downloaded
-    directory once the Hub helper lands; until then only local paths are accepted.
-    """
+    ``spec`` may be a Hub repo id: then only the config, index, adapter files and each shard's
+    header (one range request) are fetched, never the weights of a model."""
+    repo = parse_repo_id(spec)
+    if repo is not None:
+        _, files = repo_files(repo[0], repo[1] or revision, token)
+        if "adapter_config.json" in files:
+            return describe_adapter(fetch_adapter(spec, revision, token))
+        hub = open_hub_model(spec, revision, token)
+        try:
+            return describe_model(hub.checkpoint, spec)
+        finally:
+            hub.close()
     path = Path(spec)
-    if not path.exists():
-        raise ConvertError(f"{spec}: no such directory (Hugging Face Hub ids are not supported here yet)")
     if not path.is_dir():
-        raise ConvertError(f"{spec}: not a directory")
-    return path
-
-
-def describe(spec: str) -> dict:
-    """Describe a model directory or, when it holds ``adapter_config.json``, a PEFT adapter."""
-    path = local_path(spec)
+        raise ConvertError(f"{spec}: no such directory, and not a Hugging Face Hub repo id")
     if (path / "adapter_config.json").exists():
         return describe_adapter(path)
-    return describe_model(path)
+    return describe_model(open_checkpoint(path), str(path))
 
 
 def count_by_dtype(tensors: list[TensorInfo], numel: dict[str, int]) -> dict[str, int]:
@@ -56,56 +52,47 @@ def count_by_dtype(tensors: list[TensorInfo], numel: dict[str, int]) -> dict[str
     return dict(counts.most_common())
 
 
-def describe_model(path: Path) -> dict:
-    ckpt = open_checkpoint(path)
+def describe_model(ckpt: Checkpoint, where: str) -> dict:
+    """Parameters are counted on the logical tensors: a bitsandbytes weight counts its unpacked elements
+    (``formats.bnb`` folds its packed data and quant state into one tensor of the original shape)."""
     infos = list(ckpt.tensors.values())
     numel = {t.name: math.prod(t.shape) for t in infos}
-    four_bit: dict[str, str] = {}  # weight name -> nf4|fp4
-    for t in infos:
-        match = BNB_4BIT_STATE.search(t.name)
-        if match:
-            weight = t.name[: match.start()]
-            four_bit[weight] = match.group(1)
-            numel[weight] = math.prod(_packed_state(t)["shape"])  # the unpacked weight's elements
-    eight_bit = [t.name.removesuffix(".SCB") + ".weight" for t in infos if t.name.endswith(".SCB")]
-    params = [t for t in infos if not BNB_AUX.search(t.name)]
+    four_bit = Counter(t.quantized.quant_type for t in infos if isinstance(t.quantized, bnb.Packed4bit))
+    eight_bit = sum(isinstance(t.quantized, bnb.Int8Rows) for t in infos)
     quant_config = ckpt.config.get("quantization_config")
     quantization = None
     if four_bit or eight_bit or quant_config:
         quantization = {
-            "method": (quant_config or {}).get("quant_method", "bitsandbytes" if four_bit or eight_bit else None),
-            "bnb_4bit_weights": dict(Counter(four_bit.values())),
-            "bnb_8bit_weights": len(eight_bit),
+            "method": (quant_config or {}).get("quant_method", "bitsandbytes"),
+            "bnb_4bit_weights": dict(four_bit),
+            "bnb_8bit_weights": eight_bit,
             "quantization_config": quant_config,
         }
     safetensors = ckpt.files[0].suffix == ".safetensors"
-    per_file = Counter(t.path.name for t in infos)
+    per_file = Counter(stored_file(t).name for t in infos)
     return {
         "kind": "model",
-        "path": str(path),
+        "path": where,
         "format": "safetensors" if safetensors else "pytorch pickle (.bin)",
         "architectures": ckpt.config.get("architectures"),
         "model_type": ckpt.config.get("model_type"),
-        "parameters": sum(numel[t.name] for t in params),
-        "tensors": len(params),
-        "dtypes": count_by_dtype(params, numel),
+        "parameters": sum(numel.values()),
+        "tensors": len(infos),
+        "dtypes": count_by_dtype(infos, numel),
         "quantization": quantization,
-        "shards": [{"file": f.name, "bytes": f.stat().st_size, "tensors": per_file[f.name]} for f in ckpt.files],
+        "shards": [{"file": f.name, "bytes": file_size(f), "tensors": per_file[f.name]} for f in ckpt.files],
     }
 
 
-def _packed_state(info: TensorInfo) -> dict:
-    """bitsandbytes' packed quant state: a uint8 tensor holding UTF-8 JSON (``pack_dict_to_tensor``)."""
-    if info.nbytes > 1 << 20:
-        raise ConvertError(f"{info.path}: tensor '{info.name}': {info.nbytes} bytes is too large for a quant state")
-    try:
-        state = json.loads(bytes(read_tensor(info).flatten().tolist()).decode())
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise ConvertError(f"{info.path}: tensor '{info.name}': not a bitsandbytes quant state: {e!r}") from None
-    shape = state.get("shape") if isinstance(state, dict) else None
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise ConvertError(f"{info.path}: tensor '{info.name}': bitsandbytes quant state without a valid shape")
-    return state
+def stored_file(info: TensorInfo) -> Path:
+    """The file a (possibly quantized) tensor's data lives in."""
+    quantized = info.quantized
+    return quantized.packed.path if isinstance(quantized, bnb.Packed4bit) else info.path
+
+
+def file_size(path: Path) -> int | None:
+    """Local size; None for a Hub shard that was never downloaded (only its header was read)."""
+    return path.stat().st_size if path.is_file() else None
 
 
 def describe_adapter(path: Path) -> dict:
@@ -163,7 +150,7 @@ def render(info: dict) -> str:
     for key, value in info.items():
         if key == "shards":
             lines.append(f"{'shards':<16}{len(value)}")
-            lines += [f"  {s['file']}  {s['bytes']:,} bytes, {s['tensors']} tensors" for s in value]
+            lines += [f"  {s['file']}  {shard_bytes(s['bytes'])}, {s['tensors']} tensors" for s in value]
         elif key == "groups":
             lines.append("groups (module: count, r, alpha)")
             lines += [f"  {n}: {g['modules']} modules, r={g['r']}, alpha={g['lora_alpha']}" for n, g in value.items()]
@@ -174,3 +161,7 @@ def render(info: dict) -> str:
         else:
             lines.append(f"{key:<16}{value}")
     return "\n".join(lines)
+
+
+def shard_bytes(size: int | None) -> str:
+    return "not downloaded" if size is None else f"{size:,} bytes"

@@ -6,6 +6,7 @@ Hub must be byte-identical to it.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -291,3 +292,21 @@ def test_push_options_need_push_to_hub(models, tmp_path):
     base, adapter = models
     result = CliRunner().invoke(main, ["merge", "--base", str(base), "--out", str(tmp_path / "o"), "--private"])
     assert result.exit_code == 2 and "need --push-to-hub" in result.output and not (tmp_path / "o").exists()
+
+
+def test_inspect_repo_ids_reads_headers_only(models, hub, tmp_path):
+    """`convert inspect org/name` describes a model from its config and shard headers, no shard downloaded."""
+    base, adapter = models
+    local = CliRunner().invoke(main, ["inspect", "--json", str(base)])
+    remote = CliRunner().invoke(main, ["inspect", "--json", "org/base"])
+    assert remote.exit_code == 0, remote.output
+    local_info, remote_info = json.loads(local.stdout), json.loads(remote.stdout)
+    for key in ("parameters", "tensors", "dtypes", "quantization"):
+        assert remote_info[key] == local_info[key], key
+    assert [s["tensors"] for s in remote_info["shards"]] == [s["tensors"] for s in local_info["shards"]]
+    assert not list((tmp_path / "hf-cache").rglob("model-*.safetensors"))
+    info = json.loads(CliRunner().invoke(main, ["inspect", "--json", "org/adapter"]).stdout)
+    assert info["kind"] == "adapter" and info == {
+        **json.loads(CliRunner().invoke(main, ["inspect", "--json", str(adapter)]).stdout),
+        "path": info["path"],
+    }

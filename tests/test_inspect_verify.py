@@ -181,4 +181,4 @@ def test_inspect_hostile_quant_state(tmp_path):
     save_file(state, tmp_path / "model" / "model.safetensors")
     (tmp_path / "model" / "config.json").write_text("{}")
     result = CliRunner().invoke(main, ["inspect", str(tmp_path / "model")])
-    assert result.exit_code == 2 and "quant_state.bitsandbytes__nf4': bitsandbytes quant state" in result.stderr
+    assert result.exit_code == 2 and "model.x.weight" in result.stderr and len(result.stderr.strip().splitlines()) == 1
