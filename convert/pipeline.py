@@ -169,10 +169,12 @@ def plan_jobs(tensors: list[OutputTensor], chunk_elements: int) -> list[Work]:
     return [
         Work(out) if out.byte_copy else Work(out, start, stop)
         for out in tensors
-        for start, stop in (
-            [(0, 0)] if out.byte_copy else row_chunks(out.shape, math.prod(out.shape) if whole_tensor(out) else chunk_elements)
-        )
+        for start, stop in ([(0, 0)] if out.byte_copy else row_chunks(out.shape, chunk_budget(out, chunk_elements)))
     ]
+
+
+def chunk_budget(out: OutputTensor, chunk_elements: int) -> int:
+    return math.prod(out.shape) if whole_tensor(out) else chunk_elements
 
 
 class Worker:

@@ -1,0 +1,1 @@
+"""GPU kernels (Triton), each with the pure-torch reference it is tested against."""
