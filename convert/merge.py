@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from convert.gpu_pipeline import cuda_devices, run_plan_gpu
 from convert.pipeline import DEFAULT_CHUNK_BYTES, run_plan
 from convert.plan import build_plan
 from formats.adapter import open_adapter
@@ -74,7 +75,7 @@ def merge(
         shard_bytes, chunk_bytes = parse_size(max_shard_size), parse_size(chunk_size)
     except ValueError as e:
         raise ConvertError(f"--max-shard-size/--chunk-size: {e}") from None
-    torch_device = pick_device(device)
+    devices = cuda_devices(device) if device.startswith("cuda") else [pick_device(device)]
 
     ckpt = open_checkpoint(base)
     if not ckpt.config:
@@ -91,7 +92,10 @@ def merge(
         total = sum(t.planned.nbytes for t in plan.tensors)
         show = not quiet and sys.stderr.isatty()
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not show, desc="merge") as bar:
-            run_plan(plan.tensors, writer, torch_device, chunk_bytes, bar.update)
+            if devices[0].type == "cuda":
+                run_plan_gpu(plan.tensors, writer, devices, chunk_bytes, bar.update)
+            else:
+                run_plan(plan.tensors, writer, devices[0], chunk_bytes, bar.update)
         files = writer.finish()
         write_config(ckpt.config, tmp, plan.dtype, plan.config_updates)
         files += ["config.json", *copy_side_files([base, *([adapter_dir] if adapter_dir else [])], tmp)]

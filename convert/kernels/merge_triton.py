@@ -7,11 +7,12 @@ plus their fp32 absmax, dequantized in registers), computes the tile's ``L @ R``
 No full-size fp32 temporary exists; with the same input and output dtype the write goes
 back into the base's own buffer, so a tensor needs no extra GPU memory at all.
 
-DoRA (``W' = m / ||W + s*L@R|| * (W + s*L@R)``) runs the same tile code twice: a first
-pass stores each tile's partial sums of squares (a ``1/BLOCK`` sized buffer, summed by
-torch in a fixed order, so the result is deterministic), a second pass writes the scaled
-tile. The norm runs along ``axis``: 1 for a Linear weight's rows, 0 for the stored
-columns of Conv1D / fan_in_fan_out / embedding weights.
+DoRA (``W' = m / ||W + s*L@R|| * (W + s*L@R)``) runs the same tile code twice. Along rows
+(``axis=1``, a Linear weight) one program owns a block of whole rows: it sums their squares
+tile by tile, then recomputes and writes the scaled tiles, whose second read mostly hits L2.
+Along stored columns (``axis=0``: Conv1D / fan_in_fan_out / embeddings) a first launch stores
+each tile's partial sums of squares (a ``1/BLOCK_M`` sized buffer, summed by torch in a fixed
+order, so the result is deterministic) and a second one writes the scaled tiles.
 
 ``L`` is ``(M, K)`` and ``R`` ``(K, N)``, both fp32 and contiguous: ``B`` rows and ``A`` for a
 Linear, ``A.T`` rows and ``B.T`` for a transposed weight. ``scale`` multiplies the product
@@ -28,6 +29,7 @@ import triton.language as tl
 
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 128, 16
 NUM_WARPS = 4
+DORA_BLOCK_M, DORA_BLOCK_N, DORA_WARPS = 16, 256, 4  # whole rows per program: more programs, fewer rows each
 
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
@@ -144,21 +146,46 @@ def _lora_kernel(
         tl.store(out_ptr + idx, _round(t, out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _dora_rows_kernel(
+    w_ptr, absmax_ptr, code_ptr, L_ptr, R_ptr, m_ptr, out_ptr, M, N, K, scale,
+    QUANT: tl.constexpr, QBLOCK: tl.constexpr, DEQ_DTYPE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """DoRA along rows: the norms of BM whole rows, then the rows times ``m / norm`` (IEEE sqrt and divide)."""
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    squares = tl.zeros((BM,), dtype=tl.float32)
+    for n0 in range(0, N, BN):
+        rn = n0 + tl.arange(0, BN)
+        t, mask, idx = _merged_tile(
+            w_ptr, absmax_ptr, code_ptr, L_ptr, R_ptr, rm, rn, M, N, K, scale, QUANT, QBLOCK, DEQ_DTYPE, BM, BN, BK
+        )
+        t = tl.where(mask, t, 0.0)
+        squares += tl.sum(t * t, axis=1)
+    m = tl.load(m_ptr + rm, mask=rm < M, other=1.0)
+    factor = tl.math.div_rn(m, tl.math.sqrt_rn(squares))
+    for n0 in range(0, N, BN):
+        rn = n0 + tl.arange(0, BN)
+        t, mask, idx = _merged_tile(
+            w_ptr, absmax_ptr, code_ptr, L_ptr, R_ptr, rm, rn, M, N, K, scale, QUANT, QBLOCK, DEQ_DTYPE, BM, BN, BK
+        )
+        tl.store(out_ptr + idx, _round(t * factor[:, None], out_ptr.dtype.element_ty), mask=mask)
+
+
+def _base_args(base: torch.Tensor | Packed4bit, dummy: torch.Tensor) -> dict:
+    """The kernels' base pointers and switches; ``dummy`` stands for pointers never read."""
+    if isinstance(base, Packed4bit):
+        return dict(w_ptr=base.packed, absmax_ptr=base.absmax, code_ptr=base.code, QUANT=True,
+                    QBLOCK=base.blocksize, DEQ_DTYPE=_TL_DTYPES[base.dtype])  # fmt: skip
+    return dict(w_ptr=base, absmax_ptr=dummy, code_ptr=dummy, QUANT=False, QBLOCK=1, DEQ_DTYPE=_TL_DTYPES[base.dtype])
+
+
 def _launch(base, L, R, scale, out, *, norms=False, axis=1, factor=None) -> None:
     M, N = base.shape
-    K = L.shape[1]
-    quant = isinstance(base, Packed4bit)
-    dummy = L  # any pointer, never read when its constexpr switch is off
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
     _lora_kernel[grid](
-        base.packed if quant else base,
-        base.absmax if quant else dummy,
-        base.code if quant else dummy,
-        L, R,
-        factor if factor is not None else dummy,
-        out, M, N, K, float(scale),
-        QUANT=quant, QBLOCK=base.blocksize if quant else 1, DEQ_DTYPE=_TL_DTYPES[base.dtype],
-        NORMS=norms, AXIS=axis, SCALED=factor is not None,
+        **_base_args(base, L), L_ptr=L, R_ptr=R, factor_ptr=factor if factor is not None else L, out_ptr=out,
+        M=M, N=N, K=L.shape[1], scale=float(scale), NORMS=norms, AXIS=axis, SCALED=factor is not None,
         BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, num_warps=NUM_WARPS,
     )  # fmt: skip
 
@@ -185,8 +212,13 @@ def merge_triton(
     """The Triton twin of ``merge_reference``. ``out`` may be ``base`` itself (same dtype): merged in place."""
     if out is None:
         out = torch.empty(base.shape, dtype=out_dtype, device=L.device)
-    factor = None
-    if magnitude is not None:
-        factor = magnitude / norms_triton(base, L, R, scale, axis)
+    M, N = base.shape
+    if magnitude is not None and axis == 1:
+        _dora_rows_kernel[(triton.cdiv(M, DORA_BLOCK_M),)](
+            **_base_args(base, L), L_ptr=L, R_ptr=R, m_ptr=magnitude, out_ptr=out, M=M, N=N, K=L.shape[1],
+            scale=float(scale), BM=DORA_BLOCK_M, BN=DORA_BLOCK_N, BK=BLOCK_K, num_warps=DORA_WARPS,
+        )  # fmt: skip
+        return out
+    factor = magnitude / norms_triton(base, L, R, scale, axis) if magnitude is not None else None
     _launch(base, L, R, scale, out, axis=axis, factor=factor)
     return out
