@@ -121,10 +121,15 @@ def gpu_jobs(tensors: list[OutputTensor], chunk_elements: int) -> list[Work]:
 
 
 def job_bytes(job: Work) -> tuple[int, int]:
-    """(host bytes, device bytes) a job needs: output written over the input, or after it when wider."""
+    """(host bytes, device bytes) a job needs: output written over the input, or after it when the dtype changes."""
     n = (job.stop - job.start) * math.prod(job.out.shape[1:])
     size_in, size_out = DTYPES[job.out.source.dtype].itemsize, DTYPES[job.out.dtype].itemsize
-    return n * max(size_in, size_out), n * (size_in if size_in == size_out else size_in + size_out)
+    return n * max(size_in, size_out), n * size_out + (0 if size_in == size_out else output_offset(n * size_in))
+
+
+def output_offset(input_bytes: int) -> int:
+    """Where a job's output starts in its device buffer when it cannot overwrite the input (8-byte aligned)."""
+    return -(-input_bytes // 8) * 8
 
 
 def run_device(
@@ -181,7 +186,7 @@ def run_device(
                 if src_dtype == out_dtype:
                     result = base
                 else:
-                    at = n * src_dtype.itemsize
+                    at = output_offset(n * src_dtype.itemsize)
                     result = slot.device[at : at + n * out_dtype.itemsize].view(out_dtype).view(rows)
                 # row-norm magnitudes follow the chunk's rows; column norms (axis 0) come with whole tensors
                 magnitude = f.magnitude
