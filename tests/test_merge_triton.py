@@ -75,6 +75,23 @@ def run_checks(device: str) -> int:
             merge_triton(base, *args, out_dtype, mag, axis, out=base)
             assert torch.equal(base.cpu(), ours)
         checked += 1
+    from convert.kernels import merge_triton as mt
+
+    # the other code paths: rank-1 updates instead of tl.dot, and DoRA rows too wide to sit in registers
+    saved = mt.USE_DOT, mt.DORA_MAX_ROW
+    try:
+        mt.USE_DOT, mt.DORA_MAX_ROW = False, 32
+        w = torch.randn(50, 70, generator=g).to(torch.bfloat16)
+        L, R = torch.randn(50, 8, generator=g) * 0.1, torch.randn(8, 70, generator=g) * 0.1
+        m = torch.rand(50, generator=g) + 0.5
+        for mag in (None, m):
+            ref = merge_reference(w, L, R, 0.75, torch.bfloat16, mag)
+            ours = merge_triton(w.to(device), L.to(device), R.to(device), 0.75, torch.bfloat16,
+                                None if mag is None else mag.to(device))  # fmt: skip
+            assert_close_merge(ours.cpu(), ref, f"USE_DOT off / two-pass rows, dora {mag is not None}")
+            checked += 1
+    finally:
+        mt.USE_DOT, mt.DORA_MAX_ROW = saved
     for quant_type in ("nf4", "fp4"):
         w = torch.randn(48, 100, generator=g).to(torch.bfloat16)
         q, expected = quantized(w, quant_type, device)
@@ -94,9 +111,9 @@ def test_kernels_in_triton_interpreter() -> None:
     code = "from tests.test_merge_triton import run_checks; print('checked', run_checks('cpu'))"
     done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "checked 9" in done.stdout
+    assert "checked 11" in done.stdout
 
 
 @cuda
 def test_kernels_on_cuda() -> None:
-    assert run_checks("cuda") == 9
+    assert run_checks("cuda") == 11

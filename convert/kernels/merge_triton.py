@@ -7,12 +7,12 @@ plus their fp32 absmax, dequantized in registers), computes the tile's ``L @ R``
 No full-size fp32 temporary exists; with the same input and output dtype the write goes
 back into the base's own buffer, so a tensor needs no extra GPU memory at all.
 
-DoRA (``W' = m / ||W + s*L@R|| * (W + s*L@R)``) runs the same tile code twice. Along rows
-(``axis=1``, a Linear weight) one program owns a block of whole rows: it sums their squares
-tile by tile, then recomputes and writes the scaled tiles, whose second read mostly hits L2.
-Along stored columns (``axis=0``: Conv1D / fan_in_fan_out / embeddings) a first launch stores
-each tile's partial sums of squares (a ``1/BLOCK_M`` sized buffer, summed by torch in a fixed
-order, so the result is deterministic) and a second one writes the scaled tiles.
+DoRA (``W' = m / ||W + s*L@R|| * (W + s*L@R)``): along rows (``axis=1``, a Linear weight)
+one program holds one or two whole rows in registers (rows up to ``DORA_MAX_ROW``): it reads
+them once, takes their norms, writes them scaled, moving the same bytes as a LoRA merge.
+Along stored columns (``axis=0``: Conv1D / fan_in_fan_out / embeddings), or for wider rows, a
+first launch stores each tile's partial sums of squares (a ``1/BLOCK`` sized buffer, summed by
+torch in a fixed order, so the result is deterministic) and a second one writes the scaled tiles.
 
 ``L`` is ``(M, K)`` and ``R`` ``(K, N)``, both fp32 and contiguous: ``B`` rows and ``A`` for a
 Linear, ``A.T`` rows and ``B.T`` for a transposed weight. ``scale`` multiplies the product
@@ -29,7 +29,8 @@ import triton.language as tl
 
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 128, 16
 NUM_WARPS = 4
-DORA_BLOCK_M, DORA_BLOCK_N, DORA_WARPS = 16, 256, 4  # whole rows per program: more programs, fewer rows each
+USE_DOT = True  # tl.dot for the LoRA tile's product; False: rank-1 updates (the bench compares both)
+DORA_TILE, DORA_MAX_ROW, DORA_WARPS = 8192, 16384, 8  # DoRA rows kernel: elements per program, widest row
 
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
@@ -92,17 +93,26 @@ def _round(x, DTYPE: tl.constexpr):
 
 @triton.jit
 def _merged_tile(
-    w_ptr, absmax_ptr, code_ptr, L_ptr, R_ptr, rm, rn, M, N, K, scale,
+    w_ptr, absmax_ptr, code_ptr, L_ptr, R_ptr, rm, rn, M, N, K: tl.constexpr, scale,
     QUANT: tl.constexpr, QBLOCK: tl.constexpr, DEQ_DTYPE: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr,
 ):  # fmt: skip
-    """The fp32 tile ``W[rm, rn] + scale * (L @ R)[rm, rn]``, its mask and flat indices."""
+    """The fp32 tile ``W[rm, rn] + scale * (L @ R)[rm, rn]``, its mask and flat indices.
+
+    The product is ``tl.dot`` in IEEE fp32 (needs BM >= 16), or with USE_DOT off K rank-1
+    updates in registers, for tiles of a few whole rows."""
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        rk = k0 + tl.arange(0, BK)
-        lt = tl.load(L_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        rt = tl.load(R_ptr + rk[:, None] * N + rn[None, :], mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0)
-        acc += tl.dot(lt, rt, input_precision="ieee")
+    if USE_DOT:
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            lt = tl.load(L_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+            rt = tl.load(R_ptr + rk[:, None] * N + rn[None, :], mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0)
+            acc += tl.dot(lt, rt, input_precision="ieee")
+    else:
+        for k in range(K):
+            lk = tl.load(L_ptr + rm * K + k, mask=rm < M, other=0.0)
+            rk = tl.load(R_ptr + k * N + rn, mask=rn < N, other=0.0)
+            acc += lk[:, None] * rk[None, :]
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     idx = rm[:, None].to(tl.int64) * N + rn[None, :]
     if QUANT:
@@ -117,10 +127,10 @@ def _merged_tile(
 
 @triton.jit
 def _lora_kernel(
-    w_ptr, absmax_ptr, code_ptr, L_ptr, R_ptr, factor_ptr, out_ptr, M, N, K, scale,
+    w_ptr, absmax_ptr, code_ptr, L_ptr, R_ptr, factor_ptr, out_ptr, M, N, K: tl.constexpr, scale,
     QUANT: tl.constexpr, QBLOCK: tl.constexpr, DEQ_DTYPE: tl.constexpr,
     NORMS: tl.constexpr, AXIS: tl.constexpr, SCALED: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr,
 ):  # fmt: skip
     """NORMS: store the tile's partial sums of squares along AXIS into out (fp32, one per row and
     column block or column and row block). Otherwise: store the merged tile, times factor along
@@ -129,7 +139,7 @@ def _lora_kernel(
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     t, mask, idx = _merged_tile(
-        w_ptr, absmax_ptr, code_ptr, L_ptr, R_ptr, rm, rn, M, N, K, scale, QUANT, QBLOCK, DEQ_DTYPE, BM, BN, BK
+        w_ptr, absmax_ptr, code_ptr, L_ptr, R_ptr, rm, rn, M, N, K, scale, QUANT, QBLOCK, DEQ_DTYPE, BM, BN, BK, USE_DOT
     )
     if NORMS:
         t = tl.where(mask, t, 0.0)
@@ -148,28 +158,19 @@ def _lora_kernel(
 
 @triton.jit
 def _dora_rows_kernel(
-    w_ptr, absmax_ptr, code_ptr, L_ptr, R_ptr, m_ptr, out_ptr, M, N, K, scale,
-    QUANT: tl.constexpr, QBLOCK: tl.constexpr, DEQ_DTYPE: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    w_ptr, absmax_ptr, code_ptr, L_ptr, R_ptr, m_ptr, out_ptr, M, N, K: tl.constexpr, scale,
+    QUANT: tl.constexpr, QBLOCK: tl.constexpr, DEQ_DTYPE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
-    """DoRA along rows: the norms of BM whole rows, then the rows times ``m / norm`` (IEEE sqrt and divide)."""
+    """DoRA on BM whole rows held in registers (BN >= N): one read, the norms, ``m / norm`` (IEEE
+    sqrt and divide), one write. The same bytes as a LoRA merge."""
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
-    squares = tl.zeros((BM,), dtype=tl.float32)
-    for n0 in range(0, N, BN):
-        rn = n0 + tl.arange(0, BN)
-        t, mask, idx = _merged_tile(
-            w_ptr, absmax_ptr, code_ptr, L_ptr, R_ptr, rm, rn, M, N, K, scale, QUANT, QBLOCK, DEQ_DTYPE, BM, BN, BK
-        )
-        t = tl.where(mask, t, 0.0)
-        squares += tl.sum(t * t, axis=1)
-    m = tl.load(m_ptr + rm, mask=rm < M, other=1.0)
-    factor = tl.math.div_rn(m, tl.math.sqrt_rn(squares))
-    for n0 in range(0, N, BN):
-        rn = n0 + tl.arange(0, BN)
-        t, mask, idx = _merged_tile(
-            w_ptr, absmax_ptr, code_ptr, L_ptr, R_ptr, rm, rn, M, N, K, scale, QUANT, QBLOCK, DEQ_DTYPE, BM, BN, BK
-        )
-        tl.store(out_ptr + idx, _round(t * factor[:, None], out_ptr.dtype.element_ty), mask=mask)
+    rn = tl.arange(0, BN)
+    t, mask, idx = _merged_tile(
+        w_ptr, absmax_ptr, code_ptr, L_ptr, R_ptr, rm, rn, M, N, K, scale, QUANT, QBLOCK, DEQ_DTYPE, BM, BN, 16, False
+    )
+    t = tl.where(mask, t, 0.0)
+    factor = tl.math.div_rn(tl.load(m_ptr + rm, mask=rm < M, other=1.0), tl.math.sqrt_rn(tl.sum(t * t, axis=1)))
+    tl.store(out_ptr + idx, _round(t * factor[:, None], out_ptr.dtype.element_ty), mask=mask)
 
 
 def _base_args(base: torch.Tensor | Packed4bit, dummy: torch.Tensor) -> dict:
@@ -186,7 +187,7 @@ def _launch(base, L, R, scale, out, *, norms=False, axis=1, factor=None) -> None
     _lora_kernel[grid](
         **_base_args(base, L), L_ptr=L, R_ptr=R, factor_ptr=factor if factor is not None else L, out_ptr=out,
         M=M, N=N, K=L.shape[1], scale=float(scale), NORMS=norms, AXIS=axis, SCALED=factor is not None,
-        BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, num_warps=NUM_WARPS,
+        BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, USE_DOT=USE_DOT, num_warps=NUM_WARPS,
     )  # fmt: skip
 
 
@@ -213,10 +214,12 @@ def merge_triton(
     if out is None:
         out = torch.empty(base.shape, dtype=out_dtype, device=L.device)
     M, N = base.shape
-    if magnitude is not None and axis == 1:
-        _dora_rows_kernel[(triton.cdiv(M, DORA_BLOCK_M),)](
+    row = triton.next_power_of_2(N)
+    if magnitude is not None and axis == 1 and row <= DORA_MAX_ROW:
+        rows = max(1, DORA_TILE // row)
+        _dora_rows_kernel[(triton.cdiv(M, rows),)](
             **_base_args(base, L), L_ptr=L, R_ptr=R, m_ptr=magnitude, out_ptr=out, M=M, N=N, K=L.shape[1],
-            scale=float(scale), BM=DORA_BLOCK_M, BN=DORA_BLOCK_N, BK=BLOCK_K, num_warps=DORA_WARPS,
+            scale=float(scale), BM=rows, BN=row, num_warps=DORA_WARPS if row >= 8192 else 4,
         )  # fmt: skip
         return out
     factor = magnitude / norms_triton(base, L, R, scale, axis) if magnitude is not None else None
