@@ -117,3 +117,25 @@ def test_cuda_cast_and_dtype_change(tmp_path) -> None:
     for name in cpu:
         assert gpu[name].dtype == torch.float32
         torch.testing.assert_close(gpu[name], cpu[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_gpu_jobs_are_16_row_multiples_and_prefetch_follows_them(tmp_path, monkeypatch) -> None:
+    import os
+
+    from convert import gpu_pipeline
+
+    plan = tiny_plan(tmp_path)
+    adapted = [t for t in plan.tensors if on_gpu(t)]
+    jobs = gpu_pipeline.gpu_jobs(adapted, 20 * 48)  # 20 rows of 48 -> chunks of 16 rows
+    for t in adapted:
+        bounds = [(j.start, j.stop) for j in jobs if j.out is t]
+        assert bounds[0][0] == 0 and bounds[-1][1] == t.shape[0]
+        assert all(b - a == 16 for a, b in bounds[:-1])
+        assert all(b == c for (_, b), (c, _) in zip(bounds, bounds[1:], strict=False))
+    calls = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: calls.append((offset, length)))
+    monkeypatch.setattr(gpu_pipeline, "available_memory", lambda: 1 << 30)
+    gpu_pipeline.prefetch(jobs).join()
+    expected = [(j.out.source.offset + j.start * j.out.source.row_bytes, (j.stop - j.start) * j.out.source.row_bytes)
+                for j in jobs]  # fmt: skip
+    assert calls == expected

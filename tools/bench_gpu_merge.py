@@ -10,9 +10,10 @@ written with the project's streaming writer, and r=16 all-linear LoRA and DoRA a
 (DoRA magnitudes near the weight norms). Then, with the page cache dropped before each
 run (`sync; echo 3 > /proc/sys/vm/drop_caches`; the results say if that was refused),
 times each whole process plus a final `sync` (so written data is on disk):
-  * `cp -r` of the base (the I/O floor),
+  * `cp -r` of the base (the I/O floor), and a process that only imports torch, starts CUDA
+    and imports triton (the start-up floor every torch tool pays on a cold cache),
   * the reference: transformers `from_pretrained(device_map="cuda")` + PEFT `merge_and_unload`
-    + `save_pretrained`, for LoRA and for DoRA,
+    + `save_pretrained`, for LoRA and for DoRA (--reference),
   * `convert merge --device cuda`, for LoRA and for DoRA,
 and compares each convert output with its reference output (largest bf16 ulp over sampled
 tensors). Peak RSS is each process's own (wait4 of a vfork'ed child). With --kernels, the
@@ -48,6 +49,7 @@ SHAPES = {  # hidden, layers, intermediate, vocab, heads, kv heads
 RANK, ALPHA = 16, 32
 PROJS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
+STARTUP = "import torch; torch.zeros(1, device='cuda'); import triton"
 REFERENCE = """
 import sys, torch
 from transformers import AutoModelForCausalLM
@@ -192,32 +194,35 @@ def bench_kernels(report) -> None:
     report("| kernel | shape | GB/s | % of copy | extra GPU memory / output size |")
     report("|---|---|---|---|---|")
     for M, N in ((14336, 4096), (4096, 14336), (4096, 4096)):
-        bench_shape(M, N, report)
+        bench_shape(M, N, report, nf4=M == N)
         torch.cuda.empty_cache()
     sweep_blocks(report)
 
 
 def sweep_blocks(report) -> None:
-    """Tile shapes of both kernels on the largest Llama-8B weight: the defaults should be the fastest."""
+    """Tile shapes and the product's form (tl.dot or rank-1 updates) of the LoRA kernel on the largest
+    Llama-8B weight, and the DoRA rows kernel's rows per program: the defaults should be the fastest."""
     from convert.kernels import merge_triton as mt
 
     M, N = 14336, 4096
     w = torch.randn(M, N, device="cuda").to(torch.bfloat16)
     L, R = torch.randn(M, RANK, device="cuda") * 0.01, torch.randn(RANK, N, device="cuda") * 0.01
     m = torch.rand(M, device="cuda") + 0.5
-    defaults = (mt.BLOCK_M, mt.BLOCK_N, mt.NUM_WARPS, mt.DORA_BLOCK_M, mt.DORA_BLOCK_N, mt.DORA_WARPS)
+    defaults = (mt.BLOCK_M, mt.BLOCK_N, mt.NUM_WARPS, mt.USE_DOT, mt.DORA_TILE, mt.DORA_WARPS)
     found = []
-    for bm, bn, warps in ((64, 128, 4), (32, 256, 4), (64, 256, 8), (128, 128, 8), (32, 128, 4), (16, 256, 4)):
-        mt.BLOCK_M, mt.BLOCK_N, mt.NUM_WARPS = bm, bn, warps
-        mt.DORA_BLOCK_M, mt.DORA_BLOCK_N, mt.DORA_WARPS = bm if bm <= 32 else 32, bn, warps
+    for bm, bn, warps, dot in ((64, 128, 4, True), (64, 128, 4, False), (32, 256, 4, False), (64, 64, 4, True)):
+        mt.BLOCK_M, mt.BLOCK_N, mt.NUM_WARPS, mt.USE_DOT = bm, bn, warps, dot
         lora = 4 * M * N / time_cuda(lambda: mt.merge_triton(w, L, R, 2.0, w.dtype, out=w)) / 1e9
+        found.append(f"LoRA {bm}x{bn}/{warps}w {'dot' if dot else 'rank-1'}: {lora:.0f} GB/s")
+    for tile, warps in ((4096, 4), (8192, 8), (16384, 8)):
+        mt.DORA_TILE, mt.DORA_WARPS = tile, warps
         dora = 4 * M * N / time_cuda(lambda: mt.merge_triton(w, L, R, 2.0, w.dtype, m, out=w)) / 1e9
-        found.append(f"LoRA {bm}x{bn}/{warps}w {lora:.0f} GB/s, DoRA {mt.DORA_BLOCK_M}x{bn}/{warps}w {dora:.0f} GB/s")
-    (mt.BLOCK_M, mt.BLOCK_N, mt.NUM_WARPS, mt.DORA_BLOCK_M, mt.DORA_BLOCK_N, mt.DORA_WARPS) = defaults
+        found.append(f"DoRA rows {tile // N}/program/{warps}w: {dora:.0f} GB/s")
+    (mt.BLOCK_M, mt.BLOCK_N, mt.NUM_WARPS, mt.USE_DOT, mt.DORA_TILE, mt.DORA_WARPS) = defaults
     report("- tile sweep (14336x4096 bf16): " + "; ".join(found))
 
 
-def bench_shape(M: int, N: int, report) -> None:
+def bench_shape(M: int, N: int, report, nf4: bool) -> None:
     import bitsandbytes.functional as bnbf
 
     from convert.kernels import merge_triton as mt
@@ -229,8 +234,6 @@ def bench_shape(M: int, N: int, report) -> None:
     dst = torch.empty_like(w)
     copy_bw = 2 * size / time_cuda(lambda: dst.copy_(w)) / 1e9
     report(f"| copy_ (device to device) | {M}x{N} bf16 | {copy_bw:.0f} | 100% | - |")
-    packed, state = bnbf.quantize_4bit(w.cpu(), blocksize=64, quant_type="nf4")
-    q = mt.Packed4bit(packed.cuda(), state.absmax.float().cuda(), 64, state.code.float().cuda(), (M, N), w.dtype)
     cases = {
         "LoRA merge, in place": (lambda: mt.merge_triton(w, L, R, 2.0, w.dtype, out=w), 2 * size),
         "DoRA merge (row norms), in place": (lambda: mt.merge_triton(w, L, R, 2.0, w.dtype, m, out=w), 2 * size),
@@ -239,11 +242,14 @@ def bench_shape(M: int, N: int, report) -> None:
             2 * size,
         ),
         "LoRA merge, new output": (lambda: mt.merge_triton(w, L, R, 2.0, w.dtype, out=dst), 2 * size),
-        "NF4 dequant + LoRA merge": (
+    }
+    if nf4:  # bitsandbytes quantizes on the CPU here: one shape only
+        packed, state = bnbf.quantize_4bit(w.cpu(), blocksize=64, quant_type="nf4")
+        q = mt.Packed4bit(packed.cuda(), state.absmax.float().cuda(), 64, state.code.float().cuda(), (M, N), w.dtype)
+        cases["NF4 dequant + LoRA merge"] = (
             lambda: mt.merge_triton(q, L, R, 2.0, w.dtype, out=dst),
             size + size // 4 + q.absmax.numel() * 4,
-        ),
-    }
+        )
     for name, (fn, nbytes) in cases.items():
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -261,7 +267,8 @@ def main() -> None:
     parser.add_argument("--also-to", type=Path, help="a second copy of the results, appended line by line")
     parser.add_argument("--kernels", action="store_true", help="also benchmark the kernels alone")
     parser.add_argument("--no-merge", action="store_true", help="only the kernels")
-    parser.add_argument("--no-reference", action="store_true", help="skip the transformers + PEFT runs")
+    parser.add_argument("--reference", choices=["both", "lora", "none"], default="both",
+                        help="which adapters the (slow) transformers + PEFT reference also merges")  # fmt: skip
     args = parser.parse_args()
 
     def report(line: str = "") -> None:
@@ -283,14 +290,10 @@ def main() -> None:
     size_gb = sum(f.stat().st_size for f in base.glob("*.safetensors")) / 1e9
     report(f"Llama-{args.shape}-shaped bf16 base ({size_gb:.1f} GB), LoRA/DoRA r={RANK} all-linear; "
            f"built in {time.perf_counter() - started:.0f} s")  # fmt: skip
+    before = cached_bytes()  # the base was just written: its pages are cached
     dropped = drop_caches()
-    before = cached_bytes()
-    subprocess.run(["cat", *map(str, base.glob("*.safetensors"))], stdout=subprocess.DEVNULL, check=True)
-    warm = cached_bytes()
-    drop_caches()
     report(f"page cache dropped before each run: {'yes' if dropped else 'NO (not permitted)'} "
-           f"(Cached: {before / 1e9:.1f} GB, after reading the base {warm / 1e9:.1f} GB, "
-           f"after dropping {cached_bytes() / 1e9:.1f} GB)")  # fmt: skip
+           f"(Cached after writing the base {before / 1e9:.1f} GB, after dropping {cached_bytes() / 1e9:.1f} GB)")
     report()
     report("| run | wall s (process + sync) | peak RSS GB | vs cp | vs reference | max ulp vs reference |")
     report("|---|---|---|---|---|---|")
@@ -299,24 +302,24 @@ def main() -> None:
     cp_s, _, _ = timed(["cp", "-r", str(base), str(out)], out)
     report(f"| cp -r + sync (I/O floor) | {cp_s:.2f} | - | 1.00 | - | - |")
     shutil.rmtree(out)
+    start_s, start_rss, _ = timed([sys.executable, "-c", STARTUP], None)
+    report(f"| start-up floor: import torch, start CUDA, import triton | {start_s:.2f} | {start_rss / 1e9:.2f} | "
+           f"{start_s / cp_s:.2f} | - | - |")  # fmt: skip
     layers = SHAPES[args.shape][1]
     sample = [f"model.layers.{i}.{p}.weight" for i in (0, layers - 1) for p in projections(args.shape)]
     sample += ["model.embed_tokens.weight", "model.norm.weight"]
     walls = {}
     for kind, adapter in (("LoRA", lora), ("DoRA", dora)):
-        ref_s = None
-        if not args.no_reference:
-            ref_s, ref_rss, _ = timed([sys.executable, "-c", REFERENCE, str(base), str(adapter), str(ref_out)], ref_out)
-            report(f"| reference {kind} (transformers + PEFT, cuda) | {ref_s:.2f} | {ref_rss / 1e9:.2f} | "
-                   f"{ref_s / cp_s:.2f} | 1.00 | - |")  # fmt: skip
         cmd = [sys.executable, "-m", "convert.cli", "merge", "--base", str(base), "--adapter", str(adapter)]
         s, rss, output = timed([*cmd, "--out", str(out), "--device", "cuda"], out)
         walls[kind] = s
-        ulp = "-" if ref_s is None else str(max_ulp(out, ref_out, sample))
-        vs_ref = "-" if ref_s is None else f"{ref_s / s:.1f}x faster"
-        row = f"{s:.2f} | {rss / 1e9:.2f} | {s / cp_s:.2f} | {vs_ref} | {ulp}"
-        report(f"| convert merge --device cuda, {kind} | {row} |")
+        report(f"| convert merge --device cuda, {kind} | {s:.2f} | {rss / 1e9:.2f} | {s / cp_s:.2f} | - | - |")
         report(f"<!-- {kind} summary: {output.strip().splitlines()[-1] if output.strip() else ''} -->")
+        if args.reference == "both" or args.reference == kind.lower():
+            ref_s, ref_rss, _ = timed([sys.executable, "-c", REFERENCE, str(base), str(adapter), str(ref_out)], ref_out)
+            report(f"| reference {kind} (transformers + PEFT, cuda) | {ref_s:.2f} | {ref_rss / 1e9:.2f} | "
+                   f"{ref_s / cp_s:.2f} | 1.00 | - |")  # fmt: skip
+            report(f"| convert {kind} vs reference | | | | {ref_s / s:.1f}x faster | {max_ulp(out, ref_out, sample)} |")
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(ref_out, ignore_errors=True)
     report()
