@@ -65,8 +65,9 @@ def cuda_devices(spec: str) -> list[torch.device]:
 
 
 def on_gpu(out: OutputTensor) -> bool:
-    """A LoRA/DoRA delta on a 16/32-bit weight: what the fused kernel does."""
-    return isinstance(out.delta, LowRankDelta) and {out.source.dtype, out.dtype} <= GPU_DTYPES
+    """A LoRA/DoRA delta on a 16/32-bit weight, written unquantized: what the fused kernel does.
+    (A 4-bit base arrives dequantized by its reader; a quantized output goes through the CPU workers.)"""
+    return isinstance(out.delta, LowRankDelta) and {out.source.dtype, out.dtype} <= GPU_DTYPES and out.quant is None
 
 
 def assign(tensors: list[OutputTensor], count: int) -> list[list[OutputTensor]]:
@@ -207,7 +208,12 @@ def run_device(
             if stop.is_set():
                 break
             slot = take_slot(job)
-            read_tensor(job.out.source, job.start, job.stop, slot.host)
+            source = job.out.source
+            if source.quantized is None:
+                read_tensor(source, job.start, job.stop, slot.host)
+            else:  # dequantized by its reader, into memory of its own
+                rows = read_tensor(source, job.start, job.stop)
+                slot.host[: rows.nbytes].view(rows.dtype).view(rows.shape).copy_(rows)
             to_gpu.put((job, slot))
         to_gpu.put(None)
 

@@ -100,3 +100,20 @@ def test_dora_differs_from_plain_lora(tmp_path) -> None:
     merge(base, adapter, tmp_path / "lora", device="cpu")
     name = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(load_output(tmp_path / "dora")[name], load_output(tmp_path / "lora")[name])
+
+
+@pytest.mark.parametrize("kind", ["nf4-dq", "fp4-dq"])
+def test_dora_from_4bit_base_equals_peft_on_dequantized_model(kind, tmp_path) -> None:
+    """A QLoRA-style DoRA merge: the 4-bit base is dequantized as read, then merged exactly as PEFT
+    merges into the dequantized model (fp32 delta and norms, rounded once to bf16)."""
+    from tests.test_bnb_checkpoints import dequantized_merge, make_base64, quantize_with_transformers
+
+    base = make_base64(tmp_path / "base16")
+    adapter = make_dora_adapter(tmp_path / "adapter", base, r=4, lora_alpha=8, target_modules="all-linear")
+    quantized = quantize_with_transformers(base, tmp_path / kind, kind)
+    merge(quantized, adapter, tmp_path / "out", dtype="bf16", device="cpu")
+    expected = dequantized_merge(quantized, adapter).state_dict()
+    ours = load_output(tmp_path / "out")
+    assert ours.keys() == expected.keys()
+    for name, tensor in ours.items():
+        assert_equal_or_1ulp(tensor, expected[name], name)

@@ -1,1 +1,6 @@
-"""GPU kernels (Triton), each with the pure-torch reference it is tested against."""
+"""Kernels: tensors and bits only (no checkpoint layouts; those live in ``formats/``).
+
+``quant`` is the device-agnostic quantization API (pure torch on CPU, Triton on CUDA), bit-identical to
+bitsandbytes; ``merge_triton`` the fused LoRA/DoRA merge, each kernel beside the torch reference it is
+tested against.
+"""
