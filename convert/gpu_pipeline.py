@@ -278,11 +278,18 @@ def run_device(
 
         return run_stage
 
-    threads = [
-        threading.Thread(target=guarded(read, to_gpu), name=f"convert-read-{device}"),
-        threading.Thread(target=guarded(compute, to_write), name=f"convert-gpu-{device}"),
-        threading.Thread(target=guarded(write, None), name=f"convert-write-{device}"),
-    ]
+    run_threads(
+        [
+            threading.Thread(target=guarded(read, to_gpu), name=f"convert-read-{device}"),
+            threading.Thread(target=guarded(compute, to_write), name=f"convert-gpu-{device}"),
+            threading.Thread(target=guarded(write, None), name=f"convert-write-{device}"),
+        ],
+        errors,
+    )
+
+
+def run_threads(threads: list[threading.Thread], errors: list[BaseException]) -> None:
+    """Start and join ``threads``, then raise the first error they recorded."""
     for t in threads:
         t.start()
     for t in threads:
@@ -330,10 +337,4 @@ def run_plan_gpu(
             errors.append(e)
             stop.set()
 
-    threads = [threading.Thread(target=guarded, args=(task,)) for task in tasks]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    run_threads([threading.Thread(target=guarded, args=(task,)) for task in tasks], errors)

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from convert import merge
 from tests.conftest import DTYPES, assert_equal_or_1ulp, load_output, make_adapter, make_base, peft_model, transformers
+from tests.test_merge_peft import CASES as LORA_CASES
 
 
 def make_dora_adapter(path: Path, base: Path, seed: int = 1, **lora_kwargs) -> Path:
@@ -29,26 +30,14 @@ def make_dora_adapter(path: Path, base: Path, seed: int = 1, **lora_kwargs) -> P
     return path
 
 
-CASES = {
-    # name: (arch, dtype, LoraConfig kwargs)
-    "llama-fp32": ("llama", "fp32", dict(r=4, lora_alpha=8, target_modules="all-linear")),
-    "llama-bf16": ("llama", "bf16", dict(r=8, lora_alpha=16, target_modules="all-linear")),
-    "llama-fp16": ("llama", "fp16", dict(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj", "down_proj"])),
-    "rslora": ("llama", "fp32", dict(r=4, lora_alpha=6, use_rslora=True, target_modules="all-linear")),
-    "rank-alpha-pattern": (
-        "llama",
-        "bf16",
-        dict(
-            r=4,
-            lora_alpha=8,
-            target_modules="all-linear",
-            rank_pattern={"q_proj": 2, r"layers\.1\.mlp\.up_proj": 6},
-            alpha_pattern={"v_proj": 3, "down_proj": 20},
-        ),
-    ),
+CASES = {  # name: (arch, dtype, LoraConfig kwargs): the LoRA cases' shapes and options, and DoRA's own
+    **{
+        name: LORA_CASES[name]
+        for name in ("llama-fp32", "llama-bf16", "llama-fp16", "rslora", "rank-alpha-pattern", "gpt2-conv1d")
+    },
+    "rslora-bf16-odd-scale": ("llama", "bf16", dict(r=4, lora_alpha=6, use_rslora=True, target_modules="all-linear")),
     "embedding-and-lm-head": ("llama", "fp32", dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head"])),
     "embedding-bf16": ("llama", "bf16", dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "o_proj"])),
-    "gpt2-conv1d": ("gpt2", "fp32", dict(r=4, lora_alpha=8, fan_in_fan_out=True, target_modules=["c_attn", "c_fc"])),
     "gpt2-conv1d-bf16": ("gpt2", "bf16", dict(r=4, lora_alpha=8, fan_in_fan_out=True, target_modules=["c_proj"])),
 }
 
