@@ -27,10 +27,11 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_M, BLOCK_N, BLOCK_K = 64, 128, 16
+BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 16  # the fastest of tools/bench_gpu_merge.py's sweep on an H100
 NUM_WARPS = 4
 USE_DOT = True  # tl.dot for the LoRA tile's product; False: rank-1 updates (the bench compares both)
-DORA_TILE, DORA_MAX_ROW, DORA_WARPS = 8192, 16384, 8  # DoRA rows kernel: elements per program, widest row
+# DoRA rows kernel: elements per program, widest row (wider rows spill registers: two launches are faster)
+DORA_TILE, DORA_MAX_ROW, DORA_WARPS = 16384, 8192, 8
 
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
