@@ -110,8 +110,8 @@ def resume_options(command):
     "--device",
     default="auto",
     show_default=True,
-    metavar="auto|cpu|cuda|cuda:N",
-    help="Where deltas are computed; auto uses CUDA when available.",
+    metavar="auto|cpu|cuda|cuda:N|cuda:0,cuda:1|cuda:all",
+    help="Where deltas are computed; auto uses CUDA when available. Several GPUs share the adapted tensors.",
 )
 @click.option(
     "--max-shard-size",

@@ -19,7 +19,6 @@ from formats.safetensors_file import TensorInfo
 # Adapter config fields whose non-default value changes what a merge must do and
 # that this tool does not implement: refusing is better than a silently wrong model.
 UNSUPPORTED_FIELDS = {
-    "use_dora": "DoRA adapters (use_dora=true)",
     "target_parameters": "LoRA on nn.Parameter targets (target_parameters)",
     "trainable_token_indices": "trainable tokens (trainable_token_indices)",
     "layer_replication": "layer replication (layer_replication)",
@@ -31,12 +30,17 @@ UNSUPPORTED_FIELDS = {
 
 @dataclass(frozen=True)
 class LowRankDelta:
-    """``scaling * B @ A`` (transposed for Conv1D / fan_in_fan_out and for embeddings)."""
+    """``scaling * B @ A`` (transposed for Conv1D / fan_in_fan_out and for embeddings).
+
+    With ``magnitude`` (DoRA) the merged weight is ``m / ||W + delta|| * (W + delta)``, the
+    norm taken per row of ``B @ A`` (per column of the stored weight when ``transposed``).
+    """
 
     A: TensorInfo
     B: TensorInfo
     scaling: float
     transposed: bool
+    magnitude: TensorInfo | None = None
 
 
 @dataclass(frozen=True)
@@ -109,4 +113,12 @@ def low_rank_delta(adapter: Adapter, module: str, weight: TensorInfo) -> LowRank
             f"{where}: shape mismatch: base tensor '{weight.name}' is {list(weight.shape)} but the adapter's "
             f"delta is {list(expected)}"
         )
-    return LowRankDelta(A, B, scaling, transposed)
+    magnitude = lora.parts.get("magnitude")
+    if magnitude is not None and tuple(magnitude.shape) != (B.shape[0],):
+        raise ConvertError(
+            f"{where}: lora_magnitude_vector has shape {list(magnitude.shape)}, expected [{B.shape[0]}] "
+            "(one DoRA magnitude per output feature)"
+        )
+    if magnitude is None and adapter.config.get("use_dora"):
+        raise ConvertError(f"{where}: DoRA adapter (use_dora=true) without a lora_magnitude_vector tensor")
+    return LowRankDelta(A, B, scaling, transposed, magnitude)

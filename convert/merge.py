@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from convert.gpu_pipeline import cuda_devices, run_plan_gpu
 from convert.output_dir import fault_point, fingerprint, open_stage
 from convert.pipeline import DEFAULT_CHUNK_BYTES, run_plan
 from convert.plan import build_plan
@@ -110,7 +111,8 @@ def merge(
         shard_bytes, chunk_bytes = parse_size(max_shard_size), parse_size(chunk_size)
     except ValueError as e:
         raise ConvertError(f"--max-shard-size/--chunk-size: {e}") from None
-    torch_device = pick_device(device)
+    devices = cuda_devices(device) if device.startswith("cuda") else [pick_device(device)]
+    torch_device = devices[0]
     hub = open_hub_model(str(base), revision, token, keep_downloads) if base_repo else None
     base = hub.directory if hub else Path(base)
     adapter_dir = Path(adapter) if adapter is not None and not adapter_repo else None
@@ -167,7 +169,10 @@ def merge(
                 fault_point("job")
 
             for part in hub.stages(todo) if hub else [todo]:  # Hub: one base shard at a time
-                run_plan(part, writer, torch_device, chunk_bytes, progress)
+                if torch_device.type == "cuda":
+                    run_plan_gpu(part, writer, devices, chunk_bytes, progress)
+                else:
+                    run_plan(part, writer, torch_device, chunk_bytes, progress)
         files = writer.finish()
         config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}  # plan's, if quantized
         write_config(config, tmp, plan.dtype, plan.config_updates)

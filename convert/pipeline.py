@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from convert.dora import merge_columns, scale_rows_
 from convert.lora import BiasDelta, LowRankDelta
 from convert.plan import OutputTensor
 from formats import bnb  # the module, not names: it imports convert.kernels, so may be mid-import
@@ -73,9 +74,15 @@ def load_factors(delta: LowRankDelta | BiasDelta) -> Factors:
     if isinstance(delta, BiasDelta):
         return Factors({"bias": read_tensor(delta.bias).float()}, delta.scaling)
     A, B = read_tensor(delta.A).float(), read_tensor(delta.B).float()
+    dora = {"magnitude": read_tensor(delta.magnitude).float()} if delta.magnitude is not None else {}
     if exact_to_prescale(A, B, delta.scaling):
-        return Factors({"A": A, "B": B * delta.scaling}, 1.0)
-    return Factors({"A": A, "B": B}, delta.scaling)
+        return Factors({"A": A, "B": B * delta.scaling, **dora}, 1.0)
+    return Factors({"A": A, "B": B, **dora}, delta.scaling)
+
+
+def whole_tensor(out: OutputTensor) -> bool:
+    """DoRA on a transposed weight: its norms run down the stored columns (see ``convert.dora``)."""
+    return isinstance(out.delta, LowRankDelta) and out.delta.magnitude is not None and out.delta.transposed
 
 
 def exact_to_prescale(A: torch.Tensor, B: torch.Tensor, scaling: float) -> bool:
@@ -109,6 +116,9 @@ def merged_tiles(
     """
     delta, dtype = work.out.delta, DTYPES[work.out.dtype]
     f = parts.tensors if parts is not None else {}
+    if whole_tensor(work.out):
+        yield 0, merge_columns(work.rows, f["B"], f["A"], parts.scale, f["magnitude"], dtype)
+        return
     for t0, t1 in row_chunks(tuple(work.rows.shape), tile_elements):
         rows = work.rows[t0:t1]
         out = scratch[2].view(dtype)[: rows.numel()].view(rows.shape)
@@ -129,6 +139,8 @@ def merged_tiles(
             w.add_(d.mul_(parts.scale))
         else:
             add_product(w, f["B"][lo:hi], f["A"], scratch[1][:n].view(hi - lo, -1))
+        if "magnitude" in f:
+            scale_rows_(w, f["magnitude"][lo:hi])
         out.copy_(w)
         yield t0, out
 
@@ -163,9 +175,15 @@ def plan_jobs(tensors: list[OutputTensor], chunk_elements: int) -> list[Work]:
         for start, stop in (
             [(0, 0)]
             if out.byte_copy
-            else row_chunks(out.shape, chunk_elements, bnb.chunk_rows(out.shape, out.quant) if out.quant else 1)
+            else row_chunks(
+                out.shape, chunk_budget(out, chunk_elements), bnb.chunk_rows(out.shape, out.quant) if out.quant else 1
+            )
         )
     ]
+
+
+def chunk_budget(out: OutputTensor, chunk_elements: int) -> int:
+    return math.prod(out.shape) if whole_tensor(out) else chunk_elements
 
 
 class Worker:
@@ -202,7 +220,8 @@ class Worker:
         if self.factors[0] != out.name:
             loaded = load_factors(out.delta) if out.delta is not None else None
             self.factors = (out.name, loaded.to(self.device) if loaded is not None else None)
-        rows = read_tensor(out.source, job.start, job.stop, self.buffer)
+        fits = (job.stop - job.start) * out.source.row_bytes <= self.buffer.numel()
+        rows = read_tensor(out.source, job.start, job.stop, self.buffer if fits else None)
         if self.device.type != "cpu":
             rows = rows.to(self.device)
         row_bytes = math.prod(out.shape[1:]) * DTYPES[out.dtype].itemsize

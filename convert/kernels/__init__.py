@@ -1,4 +1,6 @@
-"""Quantization kernels: tensors and bits only (no checkpoint layouts; those live in ``formats/``).
+"""Kernels: tensors and bits only (no checkpoint layouts; those live in ``formats/``).
 
-``quant`` is the device-agnostic API (pure torch on CPU, Triton on CUDA), bit-identical to bitsandbytes.
+``quant`` is the device-agnostic quantization API (pure torch on CPU, Triton on CUDA), bit-identical to
+bitsandbytes; ``merge_triton`` the fused LoRA/DoRA merge, each kernel beside the torch reference it is
+tested against.
 """

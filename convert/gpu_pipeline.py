@@ -1,0 +1,340 @@
+"""Run a plan on one or more GPUs (``--device cuda``, ``cuda:N``, ``cuda:0,cuda:1``, ``cuda:all``).
+
+On a GPU the arithmetic of a merge is nothing; the time goes in moving bytes disk ->
+host -> GPU -> host -> disk. So every adapted tensor flows through a three-stage
+pipeline per GPU, each stage on its own thread (and, on the GPU, its own CUDA stream):
+
+    reader:  pread rows of tensor k+1 into a pinned host buffer
+    GPU:     copy it in (copy stream), merge it in place with the Triton kernel (compute
+             stream), copy the result back into the same pinned buffer (copy-back stream)
+    writer:  wait for the copy-back of tensor k-1, pwrite it at its planned offset
+
+A fixed set of ``DEPTH`` (pinned host buffer, device buffer) slots circulates between the
+stages: a stage that runs ahead blocks on the next free slot, so host memory stays at a
+few chunks whatever the model size. Chunks are whole tensors up to ``GPU_CHUNK_BYTES``
+(counted at 4 bytes an element, as ``--chunk-size``), row chunks beyond.
+
+Everything else (untouched tensors copied file-to-file, casts, ``lora_bias`` deltas) runs
+meanwhile on the CPU pipeline's workers. With several devices each GPU gets its own
+pipeline and a share of the adapted tensors, balanced by bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from convert.lora import LowRankDelta
+from convert.pipeline import DEFAULT_CHUNK_BYTES, Work, chunk_budget, row_chunks, run_plan, whole_tensor
+from convert.plan import OutputTensor
+from formats.errors import ConvertError
+from formats.safetensors_file import DTYPES, read_tensor
+from formats.writer import ShardWriter
+
+GPU_CHUNK_BYTES = 64 << 20  # used when --chunk-size is left at the CPU's cache-sized default (32 MB of bf16)
+DEPTH = 3  # slots per GPU: one being read, one on the GPU, one being written
+GPU_DTYPES = {"BF16", "F16", "F32"}
+
+
+def cuda_devices(spec: str) -> list[torch.device]:
+    """The devices named by ``cuda``, ``cuda:N``, ``cuda:0,cuda:1`` (repeats allowed) or ``cuda:all``."""
+    if not torch.cuda.is_available():
+        raise ConvertError(f"--device {spec}: CUDA is not available on this machine")
+    count = torch.cuda.device_count()
+    if spec == "cuda:all":
+        return [torch.device("cuda", i) for i in range(count)]
+    devices = []
+    for name in spec.split(","):
+        try:
+            dev = torch.device(name.strip())
+        except RuntimeError:
+            dev = None
+        if dev is None or dev.type != "cuda":
+            raise ConvertError(f"--device {spec!r}: expected cuda, cuda:N, a list like cuda:0,cuda:1, or cuda:all")
+        index = dev.index or 0
+        if index >= count:
+            raise ConvertError(f"--device {spec}: {name} does not exist ({count} CUDA device(s) here)")
+        devices.append(torch.device("cuda", index))
+    return devices
+
+
+def on_gpu(out: OutputTensor) -> bool:
+    """A LoRA/DoRA delta on a 16/32-bit weight, written unquantized: what the fused kernel does.
+    (A 4-bit base arrives dequantized by its reader; a quantized output goes through the CPU workers.)"""
+    return isinstance(out.delta, LowRankDelta) and {out.source.dtype, out.dtype} <= GPU_DTYPES and out.quant is None
+
+
+def assign(tensors: list[OutputTensor], count: int) -> list[list[OutputTensor]]:
+    """Share tensors among ``count`` devices: largest first to the least loaded, each share kept in plan order."""
+    loads, shares = [0] * count, [[] for _ in range(count)]
+    order = {t.name: i for i, t in enumerate(tensors)}
+    for t in sorted(tensors, key=lambda t: -math.prod(t.shape)):
+        i = loads.index(min(loads))
+        loads[i] += math.prod(t.shape)
+        shares[i].append(t)
+    return [sorted(share, key=lambda t: order[t.name]) for share in shares]
+
+
+@dataclass
+class Slot:
+    """One chunk in flight: pinned host bytes (input, then output) and device bytes (input, output after it)."""
+
+    host: torch.Tensor
+    device: torch.Tensor
+    done: torch.cuda.Event | None = None
+    pooled: Slot | None = None  # the pool's slot this one stands in for (a job too big for the pool's buffers)
+
+
+@dataclass
+class DeviceFactors:
+    """A delta as the kernel takes it: ``L`` rows follow the stored weight's rows, ``R`` its columns."""
+
+    name: str
+    L: torch.Tensor
+    R: torch.Tensor
+    scale: float
+    magnitude: torch.Tensor | None
+    axis: int  # of the DoRA norm in the stored layout
+
+
+def device_factors(out: OutputTensor, device: torch.device) -> DeviceFactors:
+    delta = out.delta
+    A, B = read_tensor(delta.A).float(), read_tensor(delta.B).float()
+    L, R = (A.T, B.T) if delta.transposed else (B, A)
+    magnitude = read_tensor(delta.magnitude).float().to(device) if delta.magnitude is not None else None
+    return DeviceFactors(
+        out.name,
+        L.contiguous().to(device),
+        R.contiguous().to(device),
+        delta.scaling,
+        magnitude,
+        0 if delta.transposed else 1,
+    )
+
+
+def gpu_jobs(tensors: list[OutputTensor], chunk_elements: int) -> list[Work]:
+    """Row chunks of a multiple of 16 rows where possible: every chunk then hits the kernels already
+    compiled for the first (Triton specializes on sizes and pointers divisible by 16)."""
+    jobs = []
+    for t in tensors:
+        cols = math.prod(t.shape[1:])
+        budget = chunk_budget(t, max(chunk_elements // cols // 16 * 16, 1) * cols)
+        jobs += [Work(t, a, b) for a, b in row_chunks(t.shape, budget)]
+    return jobs
+
+
+def prefetch(jobs: list[Work]) -> threading.Thread:
+    """Ask the kernel to read the adapted tensors' bytes ahead (``posix_fadvise(WILLNEED)``, in plan order)
+    while CUDA and Triton start, so the reader's first chunks come from memory and the disk keeps a
+    queue of reads. A hint within a quarter of the available memory; failures are ignored."""
+
+    def advise() -> None:
+        budget = available_memory() // 4
+        for job in jobs:
+            info = job.out.source
+            length = (job.stop - job.start) * info.row_bytes
+            if info.mapped is not None or budget < length:
+                continue
+            try:
+                fd = os.open(info.path, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, info.offset + job.start * info.row_bytes, length, os.POSIX_FADV_WILLNEED)
+                finally:
+                    os.close(fd)
+            except (OSError, AttributeError):
+                return
+            budget -= length
+
+    thread = threading.Thread(target=advise, daemon=True, name="convert-prefetch")
+    thread.start()
+    return thread
+
+
+def available_memory() -> int:
+    try:
+        for line in open("/proc/meminfo").read().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def job_bytes(job: Work) -> tuple[int, int]:
+    """(host bytes, device bytes) a job needs: output written over the input, or after it when the dtype changes."""
+    n = (job.stop - job.start) * math.prod(job.out.shape[1:])
+    size_in, size_out = DTYPES[job.out.source.dtype].itemsize, DTYPES[job.out.dtype].itemsize
+    return n * max(size_in, size_out), n * size_out + (0 if size_in == size_out else output_offset(n * size_in))
+
+
+def output_offset(input_bytes: int) -> int:
+    """Where a job's output starts in its device buffer when it cannot overwrite the input (8-byte aligned)."""
+    return -(-input_bytes // 8) * 8
+
+
+def run_device(
+    jobs: list[Work], writer: ShardWriter, device: torch.device, progress: Callable[[int], None], stop: threading.Event
+) -> None:
+    """The reader -> GPU -> writer pipeline of one device; raises the first error of any stage."""
+    from convert.kernels.merge_triton import merge_triton  # imports triton: only where a GPU merges
+
+    if not jobs:
+        return
+    sizes = [job_bytes(j) for j in jobs if not whole_tensor(j.out)] or [(0, 0)]
+    host_bytes, device_bytes = max(s[0] for s in sizes), max(s[1] for s in sizes)
+    free: queue.Queue[Slot] = queue.Queue()
+    for _ in range(DEPTH):
+        free.put(Slot(pinned(host_bytes), torch.empty(device_bytes, dtype=torch.uint8, device=device)))
+    to_gpu: queue.Queue = queue.Queue()
+    to_write: queue.Queue = queue.Queue()
+    errors: list[BaseException] = []
+
+    def take_slot(job: Work) -> Slot:
+        """A free slot, with bigger buffers of its own for a job that does not fit (a whole transposed DoRA weight)."""
+        slot = free.get()
+        host, dev = job_bytes(job)
+        if host > slot.host.numel() or dev > slot.device.numel():
+            return Slot(pinned(host), torch.empty(dev, dtype=torch.uint8, device=device), pooled=slot)
+        return slot
+
+    def read() -> None:
+        for job in jobs:
+            if stop.is_set():
+                break
+            slot = take_slot(job)
+            source = job.out.source
+            if source.quantized is None:
+                read_tensor(source, job.start, job.stop, slot.host)
+            else:  # dequantized by its reader, into memory of its own
+                rows = read_tensor(source, job.start, job.stop)
+                slot.host[: rows.nbytes].view(rows.dtype).view(rows.shape).copy_(rows)
+            to_gpu.put((job, slot))
+        to_gpu.put(None)
+
+    def compute() -> None:
+        copy_in, run, copy_out = (torch.cuda.Stream(device) for _ in range(3))
+        factors: DeviceFactors | None = None
+        while (item := to_gpu.get()) is not None:
+            job, slot = item
+            out, n = job.out, (job.stop - job.start) * math.prod(job.out.shape[1:])
+            rows = (job.stop - job.start, *out.shape[1:])
+            src_dtype, out_dtype = DTYPES[out.source.dtype], DTYPES[out.dtype]
+            host_in = slot.host[: n * src_dtype.itemsize].view(src_dtype).view(rows)
+            base = slot.device[: n * src_dtype.itemsize].view(src_dtype).view(rows)
+            with torch.cuda.stream(copy_in):
+                base.copy_(host_in, non_blocking=True)
+            run.wait_stream(copy_in)
+            with torch.cuda.stream(run):
+                if factors is None or factors.name != out.name:
+                    factors = device_factors(out, device)
+                f = factors
+                if src_dtype == out_dtype:
+                    result = base
+                else:
+                    at = output_offset(n * src_dtype.itemsize)
+                    result = slot.device[at : at + n * out_dtype.itemsize].view(out_dtype).view(rows)
+                # row-norm magnitudes follow the chunk's rows; column norms (axis 0) come with whole tensors
+                magnitude = f.magnitude
+                if magnitude is not None and f.axis == 1:
+                    magnitude = magnitude[job.start : job.stop]
+                L = f.L[job.start : job.stop]
+                merge_triton(base, L, f.R, f.scale, out_dtype, magnitude, f.axis, out=result)
+            copy_out.wait_stream(run)
+            with torch.cuda.stream(copy_out):
+                host_out = slot.host[: n * out_dtype.itemsize].view(out_dtype).view(rows)
+                host_out.copy_(result, non_blocking=True)
+                slot.done = torch.cuda.Event()
+                slot.done.record(copy_out)
+            to_write.put((job, slot, host_out))
+        to_write.put(None)
+
+    def write() -> None:
+        while (item := to_write.get()) is not None:
+            job, slot, host_out = item
+            slot.done.synchronize()
+            row_bytes = math.prod(job.out.shape[1:]) * DTYPES[job.out.dtype].itemsize
+            writer.write(job.out.name, host_out, job.start * row_bytes)
+            progress(host_out.numel() * host_out.element_size())
+            free.put(slot.pooled or slot)
+
+    def guarded(stage: Callable[[], None], downstream: queue.Queue | None) -> Callable[[], None]:
+        def run_stage() -> None:
+            try:
+                with torch.cuda.device(device):
+                    stage()
+            except BaseException as e:
+                errors.append(e)
+                stop.set()
+                if downstream is not None:
+                    downstream.put(None)  # let the next stage finish
+                for _ in range(DEPTH):  # unblock a reader waiting for a slot; it stops at its next job
+                    free.put(Slot(torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)))
+
+        return run_stage
+
+    run_threads(
+        [
+            threading.Thread(target=guarded(read, to_gpu), name=f"convert-read-{device}"),
+            threading.Thread(target=guarded(compute, to_write), name=f"convert-gpu-{device}"),
+            threading.Thread(target=guarded(write, None), name=f"convert-write-{device}"),
+        ],
+        errors,
+    )
+
+
+def run_threads(threads: list[threading.Thread], errors: list[BaseException]) -> None:
+    """Start and join ``threads``, then raise the first error they recorded."""
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def pinned(nbytes: int) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+
+def run_plan_gpu(
+    tensors: list[OutputTensor],
+    writer: ShardWriter,
+    devices: list[torch.device],
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    on_progress: Callable[[int], None] = lambda n: None,
+) -> None:
+    """Adapted tensors through the GPU pipelines, everything else through the CPU workers, all at once."""
+    chunk_elements = max(1, (GPU_CHUNK_BYTES if chunk_bytes == DEFAULT_CHUNK_BYTES else chunk_bytes) // 4)
+    lock = threading.Lock()
+
+    def progress(n: int) -> None:
+        with lock:
+            on_progress(n)
+
+    stop = threading.Event()
+    shares = assign([t for t in tensors if on_gpu(t)], len(devices))
+    jobs = [gpu_jobs(share, chunk_elements) for share in shares]
+    prefetch([job for share in jobs for job in share])
+    tasks: list[Callable[[], None]] = [
+        lambda: run_plan([t for t in tensors if not on_gpu(t)], writer, torch.device("cpu"), chunk_bytes, progress)
+    ]
+    tasks += [
+        lambda share=share, device=device: run_device(share, writer, device, progress, stop)
+        for share, device in zip(jobs, devices, strict=True)
+    ]
+    errors: list[BaseException] = []
+
+    def guarded(task: Callable[[], None]) -> None:
+        try:
+            task()
+        except BaseException as e:
+            errors.append(e)
+            stop.set()
+
+    run_threads([threading.Thread(target=guarded, args=(task,)) for task in tasks], errors)
