@@ -17,6 +17,54 @@ def main() -> None:
     """Turn base model + adapter into one checkpoint, streamed, in bounded memory."""
 
 
+def quantization_options(command):
+    """The bitsandbytes options of merge and quantize, in BitsAndBytesConfig's terms."""
+    options = [
+        click.option(
+            "--quantize",
+            type=click.Choice(["nf4", "fp4", "int8"]),
+            help="Write a pre-quantized bitsandbytes checkpoint (lm_head and --skip-modules stay 16-bit).",
+        ),
+        click.option(
+            "--double-quant/--no-double-quant",
+            default=True,
+            show_default=True,
+            help="Quantize the 4-bit absmax again (bnb_4bit_use_double_quant).",
+        ),
+        click.option(
+            "--blocksize",
+            type=click.Choice(["32", "64", "128", "256", "512", "1024", "2048", "4096"]),
+            default="64",
+            show_default=True,
+            callback=lambda ctx, param, value: int(value),
+            help="Values per 4-bit quantization block.",
+        ),
+        click.option(
+            "--quant-storage",
+            type=click.Choice(["uint8", "int8", "float16", "bfloat16", "float32"]),
+            default="uint8",
+            show_default=True,
+            help="dtype the packed 4-bit data is stored as (bnb_4bit_quant_storage).",
+        ),
+        click.option(
+            "--compute-dtype",
+            type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+            default="auto",
+            show_default=True,
+            help="bnb_4bit_compute_dtype recorded in the config; auto = the output dtype.",
+        ),
+        click.option(
+            "--skip-modules",
+            multiple=True,
+            metavar="NAMES",
+            help="Modules kept 16-bit besides lm_head (repeat or comma-separate), matched as transformers does.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command("merge")
 @click.option(
     "--base",
@@ -68,8 +116,30 @@ def main() -> None:
     "--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty (only once the new one is complete)."
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
-def merge_command(base, adapter, out, dtype, device, max_shard_size, chunk_size, overwrite, quiet) -> None:
+@quantization_options
+@click.option(
+    "--merge-into",
+    type=click.Choice(["original", "dequantized"]),
+    default="original",
+    show_default=True,
+    help="dequantized: add the delta to each Linear weight of a 16-bit base rounded through --train-quant "
+    "(what a QLoRA adapter was trained against); original: to the 16-bit weights as they are.",
+)
+@click.option(
+    "--train-quant",
+    type=click.Choice(["nf4", "fp4", "int8"]),
+    default="nf4",
+    show_default=True,
+    help="Quantization the adapter was trained through, for --merge-into dequantized "
+    "(with --blocksize and --double-quant).",
+)
+def merge_command(base, adapter, out, dtype, device, max_shard_size, chunk_size, overwrite, quiet, **quant) -> None:
     """Merge a LoRA adapter into its base model, as PEFT's merge_and_unload would."""
+    run_merge(base, adapter, out, dtype, device, max_shard_size, chunk_size, overwrite, quiet, **quant)
+
+
+def run_merge(base, adapter, out, dtype, device, max_shard_size, chunk_size, overwrite, quiet, **quant) -> None:
+    quant["skip_modules"] = tuple(m for arg in quant.get("skip_modules", ()) for m in arg.split(",") if m)
     try:
         result = merge(
             base,
@@ -81,12 +151,28 @@ def merge_command(base, adapter, out, dtype, device, max_shard_size, chunk_size,
             chunk_size=chunk_size,
             overwrite=overwrite,
             quiet=quiet,
+            **quant,
         )
     except ConvertError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     if not quiet:
         click.echo(result.summary())
+
+
+@main.command("quantize")
+@click.option("--base", required=True, metavar="DIR", help="16-bit (or bitsandbytes) model directory.")
+@click.option("--out", required=True, metavar="DIR", help="Output directory, written as for merge.")
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N")
+@click.option("--max-shard-size", default="5GB", show_default=True, metavar="SIZE")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
+@quantization_options
+def quantize_command(base, out, device, max_shard_size, overwrite, quiet, quantize, **quant) -> None:
+    """Write a bitsandbytes-quantized checkpoint of a model (merge --quantize without an adapter)."""
+    chunk = f"{DEFAULT_CHUNK_BYTES >> 20}MiB"
+    quant["quantize"] = quantize or "nf4"
+    run_merge(base, None, out, "auto", device, max_shard_size, chunk, overwrite, quiet, **quant)
 
 
 if __name__ == "__main__":

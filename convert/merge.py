@@ -13,7 +13,7 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,7 +21,9 @@ from tqdm import tqdm
 
 from convert.pipeline import DEFAULT_CHUNK_BYTES, run_plan
 from convert.plan import build_plan
+from convert.quantize import check_merge_into, merge_into_dequantized, quantize_plan
 from formats.adapter import open_adapter
+from formats.bnb import QuantSpec
 from formats.checkpoint import open_checkpoint
 from formats.errors import ConvertError
 from formats.hf_files import copy_side_files, write_config, write_model_card
@@ -60,10 +62,22 @@ def merge(
     chunk_size: int | str = DEFAULT_CHUNK_BYTES,
     overwrite: bool = False,
     quiet: bool = True,
+    quantize: str | None = None,
+    double_quant: bool = True,
+    blocksize: int = 64,
+    quant_storage: str = "uint8",
+    compute_dtype: str = "auto",
+    skip_modules: tuple[str, ...] = (),
+    merge_into: str = "original",
+    train_quant: str = "nf4",
 ) -> MergeResult:
     """Merge ``adapter`` into ``base`` and write the result to ``out``; the CLI's ``convert merge``.
 
     With ``adapter=None`` the base is rewritten (resharded, or cast with ``dtype``).
+    A bitsandbytes-quantized base is dequantized as it is read; ``quantize`` (nf4, fp4, int8)
+    writes the output quantized, with the bitsandbytes settings that follow it. ``merge_into=
+    "dequantized"`` adds the delta to a 16-bit base's weights rounded through ``train_quant``
+    (the quantization a QLoRA adapter was trained against; blocksize and double_quant as above).
     Raises ``ConvertError`` for bad input, before or while writing; ``out`` is then left untouched.
     """
     started = time.perf_counter()
@@ -81,19 +95,26 @@ def merge(
         raise ConvertError(f"{base / 'config.json'}: missing (not a Hugging Face model directory)")
     peft = open_adapter(adapter_dir) if adapter_dir is not None else None
     plan = build_plan(ckpt, peft, dtype)
+    check_merge_into(merge_into)
+    spec = QuantSpec(quantize or train_quant, blocksize, double_quant, quant_storage, compute_dtype, (*skip_modules,))
+    if merge_into == "dequantized":
+        plan = merge_into_dequantized(plan, replace(spec, method=train_quant), ckpt.config)
+    if quantize is not None:
+        plan = quantize_plan(plan, spec, ckpt.config)
 
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     writer = None
     try:
-        writer = ShardWriter(tmp, [t.planned for t in plan.tensors], shard_bytes)
+        writer = ShardWriter(tmp, [p for t in plan.tensors for p in t.serialized], shard_bytes)
         total = sum(t.planned.nbytes for t in plan.tensors)
         show = not quiet and sys.stderr.isatty()
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not show, desc="merge") as bar:
             run_plan(plan.tensors, writer, torch_device, chunk_bytes, bar.update)
         files = writer.finish()
-        write_config(ckpt.config, tmp, plan.dtype, plan.config_updates)
+        config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}  # plan's, if quantized
+        write_config(config, tmp, plan.dtype, plan.config_updates)
         files += ["config.json", *copy_side_files([base, *([adapter_dir] if adapter_dir else [])], tmp)]
         if peft is not None:
             base_name = peft.config.get("base_model_name_or_path") or ""

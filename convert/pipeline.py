@@ -21,6 +21,7 @@ import torch
 
 from convert.lora import BiasDelta, LowRankDelta
 from convert.plan import OutputTensor
+from formats.bnb import StreamingQuantizer, chunk_rows
 from formats.safetensors_file import DTYPES, read_tensor
 from formats.writer import ShardWriter
 
@@ -39,8 +40,9 @@ class Work:
     rows: torch.Tensor | None = None
 
 
-def row_chunks(shape: tuple[int, ...], max_elements: int) -> list[tuple[int, int]]:
-    """Row ranges of at most ``max_elements`` elements each.
+def row_chunks(shape: tuple[int, ...], max_elements: int, align: int = 1) -> list[tuple[int, int]]:
+    """Row ranges of at most ``max_elements`` elements each (more where ``align`` rows are more),
+    each starting at a multiple of ``align`` rows (whole quantization blocks of a 4-bit output).
 
     Never a single-row range of a multi-row tensor: a one-row product goes through
     GEMV, which rounds differently from the GEMM that PEFT uses for the whole matrix.
@@ -49,6 +51,7 @@ def row_chunks(shape: tuple[int, ...], max_elements: int) -> list[tuple[int, int
     if rows == 0:
         return [(0, 0)]
     per = max(2, max_elements // max(1, math.prod(shape[1:])))
+    per = max(align, per // align * align)
     bounds = [*range(0, rows, per), rows]
     if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
         del bounds[-2]
@@ -157,15 +160,28 @@ def plan_jobs(tensors: list[OutputTensor], chunk_elements: int) -> list[Work]:
     return [
         Work(out) if out.byte_copy else Work(out, start, stop)
         for out in tensors
-        for start, stop in ([(0, 0)] if out.byte_copy else row_chunks(out.shape, chunk_elements))
+        for start, stop in (
+            [(0, 0)]
+            if out.byte_copy
+            else row_chunks(out.shape, chunk_elements, chunk_rows(out.shape, out.quant) if out.quant else 1)
+        )
     ]
 
 
 class Worker:
     """One thread's state: its read buffer, its scratch, and the factors of the tensor it last worked on."""
 
-    def __init__(self, writer: ShardWriter, device: torch.device, chunk_elements: int, row: int, tile: int):
+    def __init__(
+        self,
+        writer: ShardWriter,
+        device: torch.device,
+        chunk_elements: int,
+        row: int,
+        tile: int,
+        quantizers: dict[str, StreamingQuantizer] | None = None,
+    ):
         self.writer, self.device, self.tile = writer, device, tile
+        self.quantizers = quantizers or {}
         # A chunk or tile may hold one row more than its budget (see row_chunks), and never fewer than two.
         # Buffers hold 8 bytes an element (the widest dtype); pages never touched cost no memory.
         self.buffer = torch.empty(8 * max(chunk_elements + row, 3 * row), dtype=torch.uint8)
@@ -190,8 +206,15 @@ class Worker:
         if self.device.type != "cpu":
             rows = rows.to(self.device)
         row_bytes = math.prod(out.shape[1:]) * DTYPES[out.dtype].itemsize
-        for t0, tile in merged_tiles(Work(out, job.start, job.stop, rows), self.factors[1], self.tile, self.scratch):
-            self.writer.write(out.name, tile if tile.is_cpu else tile.cpu(), (job.start + t0) * row_bytes)
+        tiles = merged_tiles(Work(out, job.start, job.stop, rows), self.factors[1], self.tile, self.scratch)
+        if out.quant is not None:  # the whole chunk (whole blocks) is quantized once merged
+            merged = torch.empty(rows.shape, dtype=DTYPES[out.dtype], device=self.device)
+            for t0, tile in tiles:
+                merged[t0 : t0 + len(tile)] = tile
+            self.quantizers[out.name].write_rows(job.start, merged)
+        else:
+            for t0, tile in tiles:
+                self.writer.write(out.name, tile if tile.is_cpu else tile.cpu(), (job.start + t0) * row_bytes)
         return (job.stop - job.start) * row_bytes if out.shape else DTYPES[out.dtype].itemsize
 
 
@@ -211,7 +234,10 @@ def run_plan(
     count = max(1, min(MAX_WORKERS, os.cpu_count() or 1)) if on_cpu else 2
     tile = CPU_TILE_ELEMENTS if on_cpu else chunk_elements
     row = max_row(tensors)
-    workers = [Worker(writer, device, chunk_elements, row, tile) for _ in range(count)]
+    quantizers = {
+        t.name: StreamingQuantizer(writer, t.name, t.shape, t.dtype, t.quant) for t in tensors if t.quant is not None
+    }
+    workers = [Worker(writer, device, chunk_elements, row, tile, quantizers) for _ in range(count)]
     jobs = iter(plan_jobs(tensors, chunk_elements))
     lock = threading.Lock()
     errors: list[BaseException] = []
@@ -247,5 +273,13 @@ def run_plan(
 
 
 def max_row(tensors: list[OutputTensor]) -> int:
-    """Elements in the widest row of any tensor that is not a byte copy."""
-    return max((math.prod(t.shape[1:]) for t in tensors if not t.byte_copy and len(t.shape) > 1), default=1)
+    """Elements in the widest row of any tensor that is not a byte copy (for a 4-bit output, in the
+    group of rows that holds whole blocks, plus one: the most a chunk can exceed its budget by)."""
+    return max(
+        (
+            math.prod(t.shape[1:]) * (chunk_rows(t.shape, t.quant) + 1 if t.quant else 1)
+            for t in tensors
+            if not t.byte_copy and len(t.shape) > 1
+        ),
+        default=1,
+    )

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from convert.lora import BiasDelta, Delta, check_config, low_rank_delta, scaling_for
 from formats.adapter import Adapter
+from formats.bnb import QuantSpec, serialized_tensors
 from formats.checkpoint import Checkpoint
 from formats.errors import ConvertError
 from formats.safetensors_file import FLOAT_DTYPES, TensorInfo
@@ -26,6 +27,7 @@ class OutputTensor:
     dtype: str
     source: TensorInfo
     delta: Delta | None = None
+    quant: QuantSpec | None = None  # written bitsandbytes-quantized (``convert.quantize``)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -36,9 +38,15 @@ class OutputTensor:
         return PlannedTensor(self.name, self.dtype, self.shape)
 
     @property
+    def serialized(self) -> list[PlannedTensor]:
+        """The tensors written to the shards: this one, or the several a quantized weight is saved as."""
+        return serialized_tensors(self.name, self.shape, self.dtype, self.quant) if self.quant else [self.planned]
+
+    @property
     def byte_copy(self) -> bool:
         """Untouched and same dtype: copied file-to-file without decoding."""
-        return self.delta is None and self.dtype == self.source.dtype and self.source.mapped is None
+        plain = self.source.mapped is None and self.source.quantized is None and self.quant is None
+        return self.delta is None and self.dtype == self.source.dtype and plain
 
 
 @dataclass

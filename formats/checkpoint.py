@@ -42,7 +42,10 @@ def open_checkpoint(directory: str | Path) -> Checkpoint:
             files = [directory / single_name]
         else:
             continue
-        return Checkpoint(directory, config, loader(files, directory, index_name), files)
+        from formats.bnb import group_quantized  # here: bnb needs convert.kernels, whose package imports this
+
+        tensors = group_quantized(loader(files, directory, index_name), config, directory)
+        return Checkpoint(directory, config, tensors, files)
     raise ConvertError(f"{directory}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin found")
 
 

@@ -68,6 +68,9 @@ class TensorInfo:
     # loaded with mmap): reads slice this instead of the file, and bytes cannot be
     # copied file-to-file.
     mapped: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    # Set for a bitsandbytes-quantized weight (``formats.bnb``): an object whose ``read_rows(start, stop)``
+    # dequantizes those rows; the stored bytes are not this tensor's, so they are never copied.
+    quantized: object | None = field(default=None, compare=False, repr=False)
 
     @property
     def rows(self) -> int:
@@ -163,6 +166,8 @@ def read_tensor(
     """Read rows [row_start, row_stop) of a tensor into ``buffer`` (a uint8 CPU tensor, reused by callers
     that read many chunks) or a new tensor; never an mmap, so nothing stays resident afterwards."""
     row_stop = info.rows if row_stop is None else row_stop
+    if info.quantized is not None:
+        return info.quantized.read_rows(row_start, row_stop)
     if info.mapped is not None:
         rows = info.mapped[row_start:row_stop] if info.shape else info.mapped
         return rows.clone() if buffer is None else _into(buffer, rows)

@@ -1,0 +1,438 @@
+"""bitsandbytes checkpoints as transformers writes them: NF4/FP4 (4-bit) and LLM.int8 weights.
+
+transformers saves a 4-bit ``Linear`` weight ``X.weight`` as several tensors
+(``QuantState.as_dict(packed=True)``)::
+
+    X.weight                                  packed nibbles, uint8 (or the quant_storage dtype), ((n+1)//2, 1)
+    X.weight.absmax                           fp32 (n_blocks,), or uint8 with double quantization
+    X.weight.quant_map                        fp32 (16,), the NF4/FP4 code
+    X.weight.nested_absmax                    fp32 (ceil(n_blocks/256),)   } double quantization only
+    X.weight.nested_quant_map                 fp32 (256,), dynamic code    }
+    X.weight.quant_state.bitsandbytes__nf4    uint8 JSON: quant_type, blocksize, dtype, shape, nested_*
+
+and an 8-bit one as ``X.weight`` (int8, same shape), ``X.SCB`` (fp32 row scales) and
+``X.weight_format`` (uint8 0: row-major). ``config.json`` carries ``quantization_config``.
+
+Reading: ``group_quantized`` folds each module's tensors into ONE logical tensor of
+the original shape and dtype whose reads dequantize the requested rows, so the plan
+and the pipeline see a plain 16-bit tensor. Writing: ``serialized_tensors`` lays out
+the tensors a quantized output expands into (known from shape and settings alone, so
+the shard writer plans them up front), and ``StreamingQuantizer`` fills them from row
+chunks as they are computed. The bit-level work is ``convert.kernels.quant``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from convert.kernels import quant
+from formats.errors import ConvertError
+from formats.safetensors_file import DTYPE_NAMES, DTYPES, TensorInfo, read_tensor
+from formats.writer import PlannedTensor, ShardWriter
+
+QUANT_TYPES = ("nf4", "fp4")
+METHODS = ("nf4", "fp4", "int8")
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' quantize_4bit accepts
+NESTED_BLOCKSIZE = 256
+STORAGE = {"uint8": "U8", "int8": "I8", "float16": "F16", "bfloat16": "BF16", "float32": "F32"}
+TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+BLOB = ".quant_state.bitsandbytes__"
+SUFFIXES_4BIT = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
+# The longest repr of a float64 ("-2.2250738585072014e-308"): the quant-state blob is planned
+# before the double-quant offset is known, so its JSON is padded with spaces (valid JSON) to this.
+MAX_FLOAT_REPR = 24
+
+
+def codes(quant_type: str) -> torch.Tensor:
+    return quant.NF4_CODE if quant_type == "nf4" else quant.FP4_CODE
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass(frozen=True)
+class Packed4bit:
+    """A 4-bit weight in a checkpoint; ``read_rows`` dequantizes exactly as ``bnb.functional.dequantize_4bit``."""
+
+    packed: TensorInfo
+    absmax: TensorInfo
+    nested_absmax: TensorInfo | None
+    offset: float | None
+    blocksize: int
+    quant_type: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def read_rows(self, start: int, stop: int) -> torch.Tensor:
+        cols = math.prod(self.shape[1:])
+        e0, e1 = start * cols, stop * cols
+        b0, b1 = e0 // self.blocksize, -(-e1 // self.blocksize)
+        first = b0 * self.blocksize
+        packed = read_bytes(self.packed, first // 2, (min(b1 * self.blocksize, math.prod(self.shape)) + 1) // 2)
+        absmax = self.block_absmax(b0, b1)
+        n = min(b1 * self.blocksize, math.prod(self.shape)) - first
+        values = quant.dequantize_blocks_4bit(packed, absmax, self.blocksize, self.quant_type, (n,), self.dtype)
+        return values.reshape(-1)[e0 - first : e1 - first].reshape(stop - start, *self.shape[1:])
+
+    def block_absmax(self, b0: int, b1: int) -> torch.Tensor:
+        """fp32 absmax of blocks [b0, b1), undoing double quantization over whole nested blocks."""
+        if self.nested_absmax is None:
+            return read_tensor(self.absmax, b0, b1).float()
+        n0 = b0 // NESTED_BLOCKSIZE
+        qabsmax = read_tensor(self.absmax, n0 * NESTED_BLOCKSIZE, b1)
+        nested = read_tensor(self.nested_absmax, n0, -(-b1 // NESTED_BLOCKSIZE))
+        return quant.undo_double_quant(qabsmax, nested, self.offset)[b0 - n0 * NESTED_BLOCKSIZE :]
+
+
+@dataclass(frozen=True)
+class Int8Rows:
+    """An LLM.int8 weight; ``read_rows`` gives fp32 ``weight * SCB / 127``, what PEFT merges the delta into."""
+
+    weight: TensorInfo
+    scb: TensorInfo
+
+    def read_rows(self, start: int, stop: int) -> torch.Tensor:
+        return quant.dequantize_int8(read_tensor(self.weight, start, stop), read_tensor(self.scb, start, stop))
+
+
+def read_bytes(info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+    """Bytes [start, stop) of a tensor stored as (k, 1) rows of any dtype (the quant_storage)."""
+    size = DTYPES[info.dtype].itemsize
+    rows = read_tensor(info, start // size, -(-stop // size))
+    return rows.reshape(-1).view(torch.uint8)[start - start // size * size :][: stop - start]
+
+
+def is_quantized(tensors: dict[str, TensorInfo]) -> bool:
+    return any(BLOB in k or k.endswith(".SCB") or k.endswith(SUFFIXES_4BIT) for k in tensors)
+
+
+def group_quantized(tensors: dict[str, TensorInfo], config: dict, directory: Path) -> dict[str, TensorInfo]:
+    """Fold every quantized module's tensors into one logical tensor (``TensorInfo.quantized`` set).
+
+    Every inconsistency is a ``ConvertError`` naming the file and tensor: a wrong quant state
+    would otherwise dequantize into a silently wrong model.
+    """
+    if not is_quantized(tensors):
+        return tensors
+    qconfig = config.get("quantization_config") or {}
+    config_dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+    int8_dtype = {v: k for k, v in TORCH_NAMES.items()}.get(str(config_dtype).removeprefix("torch."), "F32")
+    owners: dict[str, str] = {}  # companion tensor -> the weight it belongs to
+    for key in tensors:
+        if BLOB in key:
+            owners[key] = key.split(BLOB)[0]
+        elif key.endswith(SUFFIXES_4BIT):
+            owners[key] = key.rsplit(".", 1)[0]
+        elif key.endswith(".SCB"):
+            owners[key] = key[: -len("SCB")] + "weight"
+        elif key.endswith(".weight_format"):
+            owners[key] = key[: -len("_format")]
+    weights = set(owners.values())
+    if qconfig.get("load_in_4bit"):  # a packed weight whose quant state is missing entirely
+        weights |= {
+            k for k, t in tensors.items() if k.endswith(".weight") and t.shape[1:] == (1,) and len(t.shape) == 2
+        }
+    out: dict[str, TensorInfo] = {}
+    for key, info in tensors.items():
+        if key in owners:
+            continue
+        if key not in weights:
+            out[key] = info
+            continue
+        if key.removesuffix(".weight") + ".SCB" in tensors or key + "_format" in tensors:
+            out[key] = _int8_tensor(key, info, tensors, int8_dtype)
+        else:
+            parts = {k[len(key) :]: t for k, t in tensors.items() if owners.get(k) == key}
+            out[key] = _4bit_tensor(key, info, parts)
+    for companion, weight in owners.items():
+        if weight not in tensors:
+            raise ConvertError(f"{tensors[companion].path}: tensor '{companion}': its weight '{weight}' is missing")
+    return out
+
+
+def _int8_tensor(key: str, weight: TensorInfo, tensors: dict[str, TensorInfo], dtype: str) -> TensorInfo:
+    module = key.removesuffix(".weight")
+    where = f"{weight.path}: tensor '{key}'"
+    scb = tensors.get(module + ".SCB")
+    if scb is None:
+        raise ConvertError(f"{where}: int8 weight without its '{module}.SCB' scales")
+    if weight.dtype != "I8" or len(weight.shape) != 2:
+        raise ConvertError(f"{where}: an LLM.int8 weight must be 2-D int8, got {weight.dtype} {list(weight.shape)}")
+    if scb.dtype != "F32" or scb.shape != weight.shape[:1]:
+        raise ConvertError(
+            f"{scb.path}: tensor '{scb.name}': expected F32 [{weight.shape[0]}] row scales, got {scb.dtype} "
+            f"{list(scb.shape)}"
+        )
+    fmt = tensors.get(module + ".weight_format")
+    if fmt is not None and int(read_tensor(fmt).reshape(-1)[0]) != 0:
+        raise ConvertError(
+            f"{fmt.path}: tensor '{fmt.name}': only row-major int8 weights (weight_format 0) are supported"
+        )
+    return logical(key, dtype, weight.shape, weight, Int8Rows(weight, scb))
+
+
+def logical(name: str, dtype: str, shape: tuple[int, ...], stored: TensorInfo, source: object) -> TensorInfo:
+    nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+    return TensorInfo(name, dtype, tuple(shape), stored.path, stored.offset, nbytes, quantized=source)
+
+
+def _4bit_tensor(key: str, packed: TensorInfo, parts: dict[str, TensorInfo]) -> TensorInfo:
+    where = f"{packed.path}: tensor '{key}'"
+    blobs = [k for k in parts if k.startswith(BLOB)]
+    if len(blobs) != 1:
+        raise ConvertError(f"{where}: 4-bit weight without exactly one '{key}{BLOB}nf4|fp4' quant state")
+    for needed in (".absmax", ".quant_map"):
+        if needed not in parts:
+            raise ConvertError(f"{where}: 4-bit weight without its '{key}{needed}' tensor")
+    blob_info = parts[blobs[0]]
+    try:
+        state = json.loads(bytes(read_tensor(blob_info).reshape(-1).view(torch.uint8).tolist()).decode())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConvertError(f"{blob_info.path}: tensor '{blob_info.name}': unreadable quant state: {e}") from None
+    if not isinstance(state, dict):
+        raise ConvertError(f"{blob_info.path}: tensor '{blob_info.name}': quant state is not a JSON object")
+    quant_type, blocksize, shape = state.get("quant_type"), state.get("blocksize"), state.get("shape")
+    if quant_type not in QUANT_TYPES or blobs[0] != BLOB + quant_type:
+        raise ConvertError(f"{where}: unknown 4-bit quant type {quant_type!r} (expected nf4 or fp4)")
+    if blocksize not in BLOCKSIZES:
+        raise ConvertError(f"{where}: blocksize {blocksize!r} is not one bitsandbytes can load {list(BLOCKSIZES)}")
+    if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ConvertError(f"{where}: invalid shape {shape!r} in the quant state")
+    dtype = {v: k for k, v in TORCH_NAMES.items()}.get(state.get("dtype"))
+    if dtype is None:
+        raise ConvertError(f"{where}: quant state dtype {state.get('dtype')!r} is not float16, bfloat16 or float32")
+    n = math.prod(shape)
+    n_blocks = -(-n // blocksize)
+    size = DTYPES[packed.dtype].itemsize
+    if packed.nbytes != (n + 1) // (2 * size) * size:
+        raise ConvertError(f"{where}: {packed.nbytes} packed bytes do not hold the {n} values of shape {shape}")
+    nested = ".nested_absmax" in parts
+    absmax = parts[".absmax"]
+    if absmax.shape != (n_blocks,) or absmax.dtype != ("U8" if nested else "F32"):
+        raise ConvertError(
+            f"{absmax.path}: tensor '{absmax.name}': {absmax.dtype} {list(absmax.shape)} is inconsistent with "
+            f"{n} values in blocks of {blocksize} ({'U8' if nested else 'F32'} [{n_blocks}] expected)"
+        )
+    _check_code(parts[".quant_map"], codes(quant_type))
+    offset = None
+    if nested:
+        if ".nested_quant_map" not in parts:
+            raise ConvertError(f"{where}: double-quantized weight without its '{key}.nested_quant_map' tensor")
+        _check_code(parts[".nested_quant_map"], quant.DYNAMIC_CODE)
+        nested_info = parts[".nested_absmax"]
+        if state.get("nested_blocksize") != NESTED_BLOCKSIZE or not isinstance(state.get("nested_offset"), float):
+            raise ConvertError(f"{where}: quant state needs nested_blocksize 256 and a float nested_offset: {state}")
+        if nested_info.shape != (-(-n_blocks // NESTED_BLOCKSIZE),) or nested_info.dtype != "F32":
+            raise ConvertError(f"{nested_info.path}: tensor '{nested_info.name}': inconsistent with {n_blocks} blocks")
+        offset = state["nested_offset"]
+    source = Packed4bit(
+        packed, absmax, parts.get(".nested_absmax"), offset, blocksize, quant_type, tuple(shape), DTYPES[dtype]
+    )
+    return logical(key, dtype, tuple(shape), packed, source)
+
+
+def _check_code(info: TensorInfo, expected: torch.Tensor) -> None:
+    if info.dtype != "F32" or not torch.equal(read_tensor(info).reshape(-1), expected):
+        raise ConvertError(f"{info.path}: tensor '{info.name}': not the code bitsandbytes uses for this quant type")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How output weights are quantized: the CLI's --quantize and friends."""
+
+    method: str  # nf4 | fp4 | int8
+    blocksize: int = 64
+    double_quant: bool = True
+    quant_storage: str = "uint8"
+    compute_dtype: str = "auto"  # recorded in quantization_config; auto = the output dtype
+    skip_modules: tuple[str, ...] = ()
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise ConvertError(f"--quantize {self.method!r}: expected one of {', '.join(METHODS)}")
+        if self.blocksize not in BLOCKSIZES:
+            raise ConvertError(f"--blocksize {self.blocksize}: bitsandbytes accepts {list(BLOCKSIZES)}")
+        if self.quant_storage not in STORAGE:
+            raise ConvertError(f"--quant-storage {self.quant_storage!r}: expected one of {', '.join(STORAGE)}")
+        if self.compute_dtype not in ("auto", *TORCH_NAMES.values()):
+            raise ConvertError(f"--compute-dtype {self.compute_dtype!r}: expected auto, bfloat16, float16 or float32")
+
+
+def should_quantize(name: str, shape: tuple[int, ...], dtype: str, skip: list[str]) -> bool:
+    """Whether transformers would hold this tensor quantized: the weight of a Linear not skipped.
+
+    Linear layers are told from embeddings by name (transformers looks at module types,
+    which a checkpoint does not record): 2-D float ``*.weight`` not named like an embedding.
+    The skip rule is transformers' ``should_convert_module``.
+    """
+    if not name.endswith(".weight") or len(shape) != 2 or dtype not in TORCH_NAMES:
+        return False
+    module = name.removesuffix(".weight")
+    if re.search(r"(^|\.)(embed\w*|wte|wpe|word_embeddings|position_embeddings)$", module):
+        return False
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    return not any(re.match(rf"(?:{key}){boundary}", module) or module.endswith(key) for key in skip)
+
+
+def quantization_config(spec: QuantSpec, out_dtype: str) -> dict:
+    """The ``quantization_config`` transformers' ``BitsAndBytesConfig.to_dict()`` writes for these settings."""
+    four = spec.method != "int8"
+    return {
+        "_load_in_4bit": four,
+        "_load_in_8bit": not four,
+        "bnb_4bit_compute_dtype": TORCH_NAMES.get(out_dtype, "float32")
+        if spec.compute_dtype == "auto"
+        else spec.compute_dtype,
+        "bnb_4bit_quant_storage": spec.quant_storage,
+        "bnb_4bit_quant_type": spec.method if four else "fp4",
+        "bnb_4bit_use_double_quant": four and spec.double_quant,
+        "llm_int8_enable_fp32_cpu_offload": False,
+        "llm_int8_has_fp16_weight": False,
+        "llm_int8_skip_modules": ["lm_head", *[m for m in spec.skip_modules if m != "lm_head"]],
+        "llm_int8_threshold": 6.0,
+        "load_in_4bit": four,
+        "load_in_8bit": not four,
+        "quant_method": "bitsandbytes",
+    }
+
+
+def serialized_tensors(name: str, shape: tuple[int, ...], dtype: str, spec: QuantSpec) -> list[PlannedTensor]:
+    """The tensors one quantized weight ``name`` is saved as, in the order they are planned."""
+    n = math.prod(shape)
+    if spec.method == "int8":
+        module = name.removesuffix(".weight")
+        return [
+            PlannedTensor(name, "I8", shape),
+            PlannedTensor(module + ".SCB", "F32", shape[:1]),
+            PlannedTensor(module + ".weight_format", "U8", ()),
+        ]
+    size = DTYPES[STORAGE[spec.quant_storage]].itemsize
+    if (n + 1) // 2 % size:
+        raise ConvertError(
+            f"tensor '{name}': {n} values do not fill whole {spec.quant_storage} words (--quant-storage uint8 does)"
+        )
+    n_blocks = -(-n // spec.blocksize)
+    tensors = [
+        PlannedTensor(name, STORAGE[spec.quant_storage], ((n + 1) // (2 * size), 1)),
+        PlannedTensor(name + ".absmax", "U8" if spec.double_quant else "F32", (n_blocks,)),
+        PlannedTensor(name + ".quant_map", "F32", (16,)),
+    ]
+    if spec.double_quant:
+        tensors += [
+            PlannedTensor(name + ".nested_absmax", "F32", (-(-n_blocks // NESTED_BLOCKSIZE),)),
+            PlannedTensor(name + ".nested_quant_map", "F32", (256,)),
+        ]
+    blob = quant_state_blob(shape, dtype, spec, offset=None)
+    return [*tensors, PlannedTensor(name + BLOB + spec.method, "U8", (len(blob),))]
+
+
+def quant_state_blob(shape: tuple[int, ...], dtype: str, spec: QuantSpec, offset: float | None) -> bytes:
+    """``pack_dict_to_tensor`` of ``QuantState.as_dict``'s non-tensor items, padded to a length fixed in advance."""
+    state: dict = {
+        "quant_type": spec.method,
+        "blocksize": spec.blocksize,
+        "dtype": TORCH_NAMES[dtype],
+        "shape": list(shape),
+    }
+    if not spec.double_quant:
+        return json.dumps(state).encode()
+    state.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=offset)
+    size = len(json.dumps({**state, "nested_offset": 0.0}).encode()) - len("0.0") + MAX_FLOAT_REPR
+    return json.dumps(state).encode().ljust(size) if offset is not None else b" " * size
+
+
+def chunk_rows(shape: tuple[int, ...], spec: QuantSpec) -> int:
+    """Row granularity of chunks of a 4-bit output: each chunk must hold whole quantization blocks."""
+    if spec.method == "int8":
+        return 1
+    cols = math.prod(shape[1:])
+    return spec.blocksize // math.gcd(spec.blocksize, cols)
+
+
+@dataclass
+class StreamingQuantizer:
+    """Quantizes one output weight into its serialized tensors, row chunk by row chunk, from any thread.
+
+    ``write_rows(start, rows)`` quantizes rows [start, start + len(rows)) (each chunk a whole
+    number of blocks, see ``chunk_rows``) and writes the packed data at its planned offset at once.
+    Double quantization needs the absmax of the whole tensor (its offset is their mean), so the
+    fp32 absmax (n / blocksize floats) is kept until the last row arrives; then absmax, nested
+    absmax and quant state are written. Usable outside ``convert merge``: plan
+    ``serialized_tensors(...)`` in a ``ShardWriter``, then feed rows here in any order.
+    """
+
+    writer: ShardWriter
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # the 16-bit dtype rows arrive in (and recorded in the quant state)
+    spec: QuantSpec
+    _absmax: torch.Tensor | None = None
+    _rows_left: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self._rows_left = self.shape[0]
+        if self.spec.method == "int8":
+            self.writer.write(self.name.removesuffix(".weight") + ".weight_format", torch.zeros((), dtype=torch.uint8))
+            return
+        self.writer.write(self.name + ".quant_map", codes(self.spec.method))
+        if self.spec.double_quant:
+            self.writer.write(self.name + ".nested_quant_map", quant.DYNAMIC_CODE)
+            self._absmax = torch.empty(-(-math.prod(self.shape) // self.spec.blocksize))
+        else:
+            self.writer.write(
+                self.name + BLOB + self.spec.method, _bytes(quant_state_blob(self.shape, self.dtype, self.spec, None))
+            )
+
+    def write_rows(self, start: int, rows: torch.Tensor) -> None:
+        cols = math.prod(self.shape[1:])
+        if self.spec.method == "int8":
+            q, scb = quant.quantize_int8(rows.reshape(len(rows), cols).to(torch.float16))  # as bnb's Int8Params
+            self.writer.write(self.name, q.cpu(), start * cols)
+            self.writer.write(self.name.removesuffix(".weight") + ".SCB", scb.cpu(), start * 4)
+        else:
+            e0, bs = start * cols, self.spec.blocksize
+            assert e0 % bs == 0, "a 4-bit chunk must start on a block boundary"
+            packed, absmax = quant.quantize_blocks_4bit(rows.reshape(-1), bs, self.spec.method)
+            self.writer.write(self.name, packed.cpu(), e0 // 2)
+            if self._absmax is None:
+                self.writer.write(self.name + ".absmax", absmax.cpu(), e0 // bs * 4)
+            else:
+                self._absmax[e0 // bs : e0 // bs + len(absmax)] = absmax.cpu()
+        with self._lock:
+            self._rows_left -= len(rows)
+            last = self._rows_left == 0
+        if last and self._absmax is not None:
+            qabsmax, nested, offset = quant.double_quantize(self._absmax)
+            self.writer.write(self.name + ".absmax", qabsmax.cpu())
+            self.writer.write(self.name + ".nested_absmax", nested.cpu())
+            blob = quant_state_blob(self.shape, self.dtype, self.spec, offset)
+            self.writer.write(self.name + BLOB + self.spec.method, _bytes(blob))
+            self._absmax = None
+
+
+def _bytes(data: bytes) -> torch.Tensor:
+    return torch.tensor(list(data), dtype=torch.uint8)
+
+
+def quantize_tensor(writer: ShardWriter, name: str, tensor: torch.Tensor, spec: QuantSpec, chunk_elements: int) -> None:
+    """Quantize a whole in-memory tensor into its planned serialized tensors, in row chunks."""
+    dtype = DTYPE_NAMES[tensor.dtype]
+    sink = StreamingQuantizer(writer, name, tuple(tensor.shape), dtype, spec)
+    step = max(1, chunk_elements // max(1, math.prod(tensor.shape[1:])))
+    g = chunk_rows(tuple(tensor.shape), spec)
+    step = max(g, step // g * g)
+    for start in range(0, tensor.shape[0], step):
+        sink.write_rows(start, tensor[start : start + step])

@@ -1,0 +1,291 @@
+"""bitsandbytes checkpoints in and out, against transformers + bitsandbytes + PEFT themselves (all on the CPU).
+
+Inputs are tiny Llama models quantized by transformers (``BitsAndBytesConfig``, ``device_map="cpu"``,
+``save_pretrained``). References: transformers' own ``dequantize()`` of the quantized model followed
+by PEFT's ``merge_and_unload``; for quantized outputs, transformers quantizing our 16-bit merge and
+saving it (every serialized tensor must be equal). Row lengths are multiples of 64: bitsandbytes'
+CPU dequantize kernel mis-reads blocks that straddle rows (see ``test_bnb_cpu_kernel_limit``).
+"""
+
+from __future__ import annotations
+
+import json
+from copy import copy
+from pathlib import Path
+
+import bitsandbytes.functional as F
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from convert import merge
+from convert.cli import main
+from formats.checkpoint import open_checkpoint
+from formats.safetensors_file import read_tensor
+from tests.conftest import DTYPES, assert_equal_or_1ulp, load_output, make_adapter, peft, read_config, transformers
+from tests.test_bad_input import run_failing
+
+SIZES64 = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=False,
+)
+BNB = {
+    "nf4-dq": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
+    "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+    "fp4-dq": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True),
+    "int8": dict(load_in_8bit=True),
+}
+IDS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def make_base64(path: Path, dtype: str = "bf16") -> Path:
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**SIZES64)).to(DTYPES[dtype])
+    model.save_pretrained(path)
+    return path
+
+
+def load_quantized(path: Path, dtype: torch.dtype | str = "auto", **bnb):
+    config = dict(quantization_config=transformers.BitsAndBytesConfig(**bnb)) if bnb else {}
+    return transformers.AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=dtype, **config)
+
+
+def quantize_with_transformers(base: Path, out: Path, kind: str) -> Path:
+    load_quantized(base, **BNB[kind]).save_pretrained(out)
+    return out
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits.float()
+
+
+def dequantized_merge(quantized: Path, adapter: Path):
+    """The reference: transformers dequantizes the bnb model, PEFT merges the adapter into it, in fp32
+    (as PEFT merges into a bnb layer: dequantized weight + fp32 delta), rounded once to bf16."""
+    model = load_quantized(quantized, dtype=torch.float32).dequantize()
+    return peft.PeftModel.from_pretrained(model, adapter).merge_and_unload().to(torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bnb")
+    base = make_base64(root / "base16")
+    adapter = make_adapter(root / "adapter", base, r=4, lora_alpha=8, target_modules="all-linear")
+    paths = {"base16": base, "adapter": adapter}
+    for kind in BNB:
+        paths[kind] = quantize_with_transformers(base, root / kind, kind)
+    return paths
+
+
+@pytest.mark.parametrize("kind", list(BNB))
+def test_reader_dequantizes_like_bitsandbytes(kind, models) -> None:
+    """Every quantized weight reads, whole or in row chunks, as bitsandbytes dequantizes it."""
+    ckpt = open_checkpoint(models[kind])
+    stored = load_output(models[kind])
+    assert not any(k.endswith((".absmax", ".SCB", ".weight_format")) or "quant_state" in k for k in ckpt.tensors)
+    quantized = [n for n, t in ckpt.tensors.items() if t.quantized is not None]
+    assert len(quantized) == 14 and "lm_head.weight" not in quantized
+    for name in quantized:
+        info = ckpt.tensors[name]
+        if kind == "int8":
+            expected = F.int8_vectorwise_dequant(stored[name], stored[name.removesuffix("weight") + "SCB"])
+        else:
+            parts = {k[len(name) + 1 :]: v for k, v in stored.items() if k.startswith(name + ".")}
+            expected = F.dequantize_4bit(stored[name], F.QuantState.from_dict(parts, "cpu"))
+        assert info.shape == tuple(expected.shape)
+        assert torch.equal(read_tensor(info), expected), name
+        chunks = [read_tensor(info, r, min(r + 3, info.rows)) for r in range(0, info.rows, 3)]
+        assert torch.equal(torch.cat(chunks), expected), name
+
+
+@pytest.mark.parametrize("kind", ["nf4-dq", "fp4-dq", "int8"])
+def test_merge_from_quantized_base_equals_peft_on_dequantized_model(kind, models, tmp_path) -> None:
+    out = tmp_path / "out"
+    merge(models[kind], models["adapter"], out, dtype="bf16", device="cpu")
+    reference = dequantized_merge(models[kind], models["adapter"])
+    expected = reference.state_dict()
+    ours = load_output(out)
+    assert ours.keys() == expected.keys()
+    for name, tensor in ours.items():
+        assert_equal_or_1ulp(tensor, expected[name], name)
+    assert "quantization_config" not in read_config(out)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    expected_logits = logits(reference)  # bf16 weights within 1 ulp: logits close, not equal
+    torch.testing.assert_close(logits(loaded), expected_logits, atol=0.05 * float(expected_logits.abs().max()), rtol=0)
+
+
+QUANTIZE = {
+    # name: (convert options, BitsAndBytesConfig of the same settings)
+    "nf4-dq": (
+        dict(quantize="nf4"),
+        dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
+    ),
+    "fp4": (dict(quantize="fp4", double_quant=False), dict(load_in_4bit=True, bnb_4bit_quant_type="fp4")),
+    "nf4-bf16-storage": (
+        dict(quantize="nf4", quant_storage="bfloat16"),
+        dict(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_quant_storage=torch.bfloat16,
+        ),
+    ),
+    "int8": (dict(quantize="int8"), dict(load_in_8bit=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(QUANTIZE))
+def test_quantized_output_equals_transformers_quantizing_the_merge(case, models, tmp_path) -> None:
+    """merge --quantize == transformers quantizing our 16-bit merge: the same tensors, bytes and quant state."""
+    options, bnb = QUANTIZE[case]
+    base, adapter = models["base16"], models["adapter"]
+    merge(base, adapter, tmp_path / "merged16", device="cpu")
+    merge(base, adapter, tmp_path / "ours", device="cpu", chunk_size=4 * 64 * 3, **options)
+    load_quantized(tmp_path / "merged16", **bnb).save_pretrained(tmp_path / "theirs")
+    assert_same_tensors(tmp_path / "ours", tmp_path / "theirs")
+    qconfig = read_config(tmp_path / "ours")["quantization_config"]
+    assert qconfig["quant_method"] == "bitsandbytes" and qconfig["llm_int8_skip_modules"] == ["lm_head"]
+    assert qconfig["bnb_4bit_compute_dtype"] == "bfloat16"
+    torch.testing.assert_close(logits(load_quantized(tmp_path / "ours")), logits(load_quantized(tmp_path / "theirs")))
+
+
+def test_other_blocksize_equals_bitsandbytes(models, tmp_path) -> None:
+    """--blocksize 32 (transformers has no such option): bitsandbytes' quantize_4bit of the merged weights."""
+    base, adapter = models["base16"], models["adapter"]
+    merge(base, adapter, tmp_path / "merged16", device="cpu")
+    merge(base, adapter, tmp_path / "ours", device="cpu", quantize="fp4", blocksize=32, double_quant=False)
+    ours, quantized = load_output(tmp_path / "ours"), 0
+    for name, w in load_output(tmp_path / "merged16").items():
+        if name.endswith("proj.weight"):
+            packed, state = F.quantize_4bit(w, blocksize=32, quant_type="fp4")
+            assert torch.equal(ours[name], packed) and torch.equal(ours[name + ".absmax"], state.absmax), name
+            assert blob(ours[name + ".quant_state.bitsandbytes__fp4"])["blocksize"] == 32
+            quantized += 1
+    assert quantized == 14
+    loaded = load_quantized(tmp_path / "ours")
+    layer = loaded.model.layers[1].mlp.down_proj
+    assert layer.weight.quant_state.blocksize == 32
+    expected = F.dequantize_4bit(ours["model.layers.1.mlp.down_proj.weight"], layer.weight.quant_state)
+    assert torch.equal(loaded.dequantize().model.layers[1].mlp.down_proj.weight, expected)
+
+
+def assert_same_tensors(ours_dir: Path, theirs_dir: Path) -> None:
+    """Same tensor names, dtypes and bytes; quant-state blobs equal as JSON (ours are space-padded)."""
+    ours, theirs = load_output(ours_dir), load_output(theirs_dir)
+    assert ours.keys() == theirs.keys()
+    for name, tensor in ours.items():
+        if "quant_state" in name:
+            assert blob(tensor) == blob(theirs[name]), name
+        else:
+            assert tensor.dtype == theirs[name].dtype and same_bytes(tensor, theirs[name]), name
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (packed 4-bit data stored as bfloat16 holds NaN patterns, which torch.equal rejects)."""
+    return a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def blob(tensor: torch.Tensor) -> dict:
+    return json.loads(bytes(tensor.tolist()).decode())
+
+
+def test_quantize_command_and_skip_modules(models, tmp_path) -> None:
+    """`convert quantize` (no adapter): the 4-bit checkpoint transformers makes, minus user-skipped modules."""
+    out = tmp_path / "q"
+    result = CliRunner().invoke(
+        main, ["quantize", "--base", str(models["base16"]), "--out", str(out), "--skip-modules", "down_proj", "-q"]
+    )
+    assert result.exit_code == 0, result.output
+    ours = load_output(out)
+    assert ours["model.layers.0.mlp.down_proj.weight"].dtype == torch.bfloat16
+    assert read_config(out)["quantization_config"]["llm_int8_skip_modules"] == ["lm_head", "down_proj"]
+    expected = load_output(models["nf4-dq"])
+    for name, tensor in ours.items():
+        if "down_proj" not in name and "quant_state" not in name:
+            assert torch.equal(tensor, expected[name]), name
+    loaded = load_quantized(out)
+    assert logits(loaded).isfinite().all()
+
+
+def test_requantize_a_quantized_base(models, tmp_path) -> None:
+    """int8 in, nf4 out, no adapter: what transformers makes of the dequantized model (not the NF4
+    checkpoint itself: dequantized values rounded to bf16 do not requantize to the same absmax)."""
+    merge(models["int8"], None, tmp_path / "ours", device="cpu", quantize="nf4")
+    load_quantized(models["int8"]).dequantize().save_pretrained(tmp_path / "deq")
+    load_quantized(tmp_path / "deq", **BNB["nf4-dq"]).save_pretrained(tmp_path / "theirs")
+    assert_same_tensors(tmp_path / "ours", tmp_path / "theirs")
+
+
+@pytest.mark.parametrize("kind", ["nf4-dq", "nf4", "int8"])
+def test_merge_into_dequantized_is_the_qlora_model(kind, models, tmp_path) -> None:
+    """--merge-into dequantized on the 16-bit base == PEFT merging into the quantized (QLoRA) model."""
+    options = dict(train_quant="int8") if kind == "int8" else dict(double_quant=kind == "nf4-dq")
+    base, adapter = models["base16"], models["adapter"]
+    merge(base, adapter, tmp_path / "deq", device="cpu", merge_into="dequantized", chunk_size=4 * 64 * 5, **options)
+    merge(base, adapter, tmp_path / "orig", device="cpu")
+    reference = dequantized_merge(models[kind], adapter).state_dict()
+    deq, orig = load_output(tmp_path / "deq"), load_output(tmp_path / "orig")
+    for name, tensor in deq.items():
+        assert_equal_or_1ulp(tensor, reference[name], name)
+    changed = [n for n in deq if not torch.equal(deq[n], orig[n])]
+    assert len(changed) == 14 and all(n.endswith("proj.weight") for n in changed)
+
+
+@pytest.mark.parametrize("quant_type,double_quant", [("fp4", False), ("nf4", True)])
+def test_blocks_straddling_rows(quant_type, double_quant, tmp_path) -> None:
+    """Rows of 96 values in blocks of 64: read (whole and by rows) as bitsandbytes' flat layout dequantizes.
+
+    (bitsandbytes' own CPU kernel, given the 2-D shape, gets such rows wrong: further from the
+    original weights than its flat result. That is why the model fixtures use rows of 64k values.)"""
+    w = torch.randn(600, 96, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    packed, state = F.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=double_quant)
+    tensors = {f"m.proj.weight.{k}": v for k, v in state.as_dict(packed=True).items()}
+    save_file({"m.proj.weight": packed, **tensors}, tmp_path / "model.safetensors")
+    info = open_checkpoint(tmp_path).tensors["m.proj.weight"]
+    flat_state = copy(state)
+    flat_state.shape = torch.Size([w.numel()])
+    flat = F.dequantize_4bit(packed, flat_state).reshape(w.shape)
+    assert torch.equal(read_tensor(info), flat)
+    assert torch.equal(torch.cat([read_tensor(info, r, min(r + 7, 600)) for r in range(0, 600, 7)]), flat)
+    assert (flat.float() - w.float()).abs().max() < (F.dequantize_4bit(packed, state).float() - w.float()).abs().max()
+
+
+Q = "model.layers.0.self_attn.q_proj.weight"
+BAD = {
+    # name: (source checkpoint, edit of its tensors, words the one-line error must contain)
+    "missing-quant-state": ("nf4-dq", lambda s: s.pop(Q + ".quant_state.bitsandbytes__nf4"), "quant state"),
+    "missing-absmax": ("nf4", lambda s: s.pop(Q + ".absmax"), f"'{Q}.absmax'"),
+    "missing-nested-map": ("nf4-dq", lambda s: s.pop(Q + ".nested_quant_map"), "nested_quant_map"),
+    "short-absmax": ("nf4", lambda s: s.update({Q + ".absmax": s[Q + ".absmax"][:-1]}), "inconsistent"),
+    "unknown-quant-type": ("nf4", lambda s: edit_state(s, "nf4", quant_type="nf5"), "unknown 4-bit quant type"),
+    "bad-blocksize": ("nf4", lambda s: edit_state(s, "nf4", blocksize=48), "blocksize 48"),
+    "wrong-shape": ("nf4", lambda s: edit_state(s, "nf4", shape=[64, 65]), "packed bytes"),
+    "int8-without-scb": ("int8", lambda s: s.pop("model.layers.0.self_attn.q_proj.SCB"), "SCB"),
+}
+
+
+def edit_state(state: dict, stored_type: str, **changes) -> None:
+    key = f"{Q}.quant_state.bitsandbytes__{stored_type}"
+    fields = {**blob(state.pop(key)), **changes}
+    new_key = f"{Q}.quant_state.bitsandbytes__{fields['quant_type']}"
+    state[new_key] = torch.tensor(list(json.dumps(fields).encode()), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_quantized_checkpoint(case, models, tmp_path) -> None:
+    source, edit, words = BAD[case]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    state = load_output(models[source])
+    edit(state)
+    save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
+    (bad / "config.json").write_text((models[source] / "config.json").read_text())
+    message = run_failing(tmp_path, bad, models["adapter"])
+    assert "model.safetensors" in message and "q_proj" in message and words in message, message
