@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
@@ -70,15 +71,34 @@ _CPU_BOUNDS = {
     name: (code[order.long()][:-1] + code[order.long()][1:]) / 2
     for name, code, order in (("nf4", NF4_CODE, _CPU_ORDER["nf4"]), ("fp4", FP4_CODE, _CPU_ORDER["fp4"]))
 }
-# Rule "cuda": the thresholds of dQuantizeNF4 / dQuantizeFP4 in csrc/kernels.cu (fp32 literals). FP4 buckets |x|
-# and adds the sign bit (x < 0) afterwards.
-NF4_CUDA_THRESHOLDS = (
-    -0.8480964004993439, -0.6106329262256622, -0.4599952697753906, -0.33967943489551544,
-    -0.23460740596055984, -0.13791173323988914, -0.045525018125772476, 0.03979014977812767,
-    0.1202552504837513, 0.2035212516784668, 0.2920137718319893, 0.3893125355243683,
-    0.5016634166240692, 0.6427869200706482, 0.8614784181118011,
+
+
+# Rule "cuda": the thresholds of dQuantizeNF4 / dQuantizeFP4 in csrc/kernels.cu. They are C float literals, which
+# nvcc rounds straight from decimal to fp32; several sit within 1e-16 of a midpoint between two floats, where going
+# through a Python float (double) first rounds the other way, so they are converted exactly here.
+def _c_float_literal(literal: str) -> float:
+    """The fp32 value (as a Python float) a C compiler gives ``<literal>f``: nearest to the decimal, ties to even."""
+    exact = Fraction(literal)
+    guess = torch.tensor(float(exact), dtype=torch.float32)
+    candidates = [
+        torch.nextafter(guess, torch.tensor(-math.inf)),
+        guess,
+        torch.nextafter(guess, torch.tensor(math.inf)),
+    ]
+    return float(min(candidates, key=lambda c: (abs(Fraction(float(c)) - exact), c.view(torch.int32).item() & 1)))
+
+
+NF4_CUDA_THRESHOLDS = tuple(
+    _c_float_literal(t)
+    for t in (
+        "-0.8480964004993439", "-0.6106329262256622", "-0.4599952697753906", "-0.33967943489551544",
+        "-0.23460740596055984", "-0.13791173323988914", "-0.045525018125772476", "0.03979014977812767",
+        "0.1202552504837513", "0.2035212516784668", "0.2920137718319893", "0.3893125355243683",
+        "0.5016634166240692", "0.6427869200706482", "0.8614784181118011",
+    )
 )  # fmt: skip
-FP4_CUDA_THRESHOLDS = (0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333)
+_FP4_LITERALS = ("0.00260417", "0.0859375", "0.20833333", "0.29166667", "0.4166667", "0.583333", "0.8333333")
+FP4_CUDA_THRESHOLDS = tuple(_c_float_literal(t) for t in _FP4_LITERALS)  # on |x|; the sign bit is x < 0
 FP4_CUDA_CODES = (0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011)  # the code of each |x| bucket
 
 
@@ -199,9 +219,8 @@ def dequantize_blocks_4bit(
     if packed.is_cuda:
         from convert.kernels import quant_triton
 
-        return quant_triton.dequantize_4bit(
-            packed.view(torch.uint8).reshape(-1), absmax, blocksize, quant_type, n, dtype
-        ).view(shape)
+        flat = packed.view(torch.uint8).reshape(-1)
+        return quant_triton.dequantize_4bit(flat, absmax.float(), blocksize, quant_type, n, dtype).view(shape)
     return dequantize_blocks_4bit_torch(packed, absmax, blocksize, quant_type, shape, dtype)
 
 
@@ -317,6 +336,16 @@ def quantize_4bit(
 
 def dequantize_4bit(q: Quantized4bit, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``bitsandbytes.functional.dequantize_4bit`` of the same state (``dtype`` defaults to the original's)."""
+    check_4bit_args(q.blocksize, q.quant_type)
+    if q.packed.is_cuda:  # the kernel undoes double quant on the fly
+        from convert.kernels import quant_triton
+
+        nested = None if q.nested_absmax is None else (DYNAMIC_CODE, q.nested_absmax, q.offset)
+        flat = q.packed.view(torch.uint8).view(-1)
+        n = math.prod(q.shape)
+        return quant_triton.dequantize_4bit(
+            flat, q.absmax, q.blocksize, q.quant_type, n, dtype or q.dtype, nested
+        ).view(q.shape)
     absmax = q.absmax
     if q.nested_absmax is not None:
         absmax = undo_double_quant(absmax, q.nested_absmax, q.offset)
@@ -336,10 +365,19 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from convert.kernels import quant_triton
 
         return quant_triton.quantize_int8(x)
-    rows = x.reshape(-1, x.shape[-1])
-    scb = rows.abs().amax(dim=1).float()
-    q = torch.round(rows * (127.0 / scb.unsqueeze(1))).to(torch.int8)
-    return q.view(x.shape), scb
+    return quantize_int8_torch(x, rule="cpu")
+
+
+def quantize_int8_torch(x: torch.Tensor, rule: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_int8`` in torch. Rule "cpu" is bitsandbytes' default backend verbatim; rule "cuda" is its
+    kInt8VectorQuant: NaN left out of the absmax, and NaN products (a zero row) quantize to 0."""
+    rows = x.reshape(-1, x.shape[-1]).float()
+    if rule == "cpu":
+        scb = x.reshape(rows.shape).abs().amax(dim=1).float()
+        return torch.round(rows * (127.0 / scb.unsqueeze(1))).to(torch.int8).view(x.shape), scb
+    scb = torch.where(rows.isnan(), 0.0, rows.abs()).amax(dim=1)
+    product = rows * (torch.full_like(scb, 127.0) / scb).unsqueeze(1)  # a true division (``127.0 / t`` is 127 * 1/t)
+    return torch.round(product).nan_to_num_(0.0).to(torch.int8).view(x.shape), scb
 
 
 def dequantize_int8(q: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
