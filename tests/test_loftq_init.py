@@ -3,6 +3,7 @@ and PEFT, holds exactly LoftQ's Q, A and B, and its effective weights approximat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import bitsandbytes as bnb
@@ -13,7 +14,7 @@ from click.testing import CliRunner
 
 from convert.cli import main
 from convert.kernels.quant import dequantize_4bit
-from convert.loftq import loftq_matrix, lora_scaling
+from convert.loftq import LoftQMatrix, loftq_matrix, lora_scaling
 from convert.loftq_init import loftq_init
 from formats.errors import ConvertError
 from tests.conftest import DTYPES, SIZES, load_output, peft, transformers
@@ -43,6 +44,7 @@ CASES = {
         dict(rank=8, alpha=4, iters=2, target_modules=["q_proj", "down_proj"], double_quant=True, use_rslora=True),
     ),
     "llama-fp32-fp4-exact": ("llama", "fp32", dict(rank=2, alpha=16, iters=1, quant_type="fp4", svd="exact")),
+    "llama-bf16-cuda": ("llama", "bf16", dict(rank=4, alpha=8, iters=3, double_quant=True, device="cuda")),
 }
 
 
@@ -50,6 +52,13 @@ def lora_layers(model):
     for name, module in model.named_modules():
         if isinstance(module, peft.tuners.lora.Linear4bit):
             yield name.removeprefix("base_model.model."), module
+
+
+def on_cpu(result: LoftQMatrix) -> LoftQMatrix:
+    q = result.quantized
+    nested = q.nested_absmax.cpu() if q.nested_absmax is not None else None
+    q = dataclasses.replace(q, packed=q.packed.cpu(), absmax=q.absmax.cpu(), nested_absmax=nested)
+    return dataclasses.replace(result, quantized=q, A=result.A.cpu(), B=result.B.cpu())
 
 
 def dequantized_weight(weight) -> torch.Tensor:
@@ -63,8 +72,11 @@ def dequantized(layer) -> torch.Tensor:
 @pytest.mark.parametrize("case", CASES)
 def test_loftq_init_loads_in_transformers_and_peft(case, tmp_path):
     arch, dtype, kwargs = CASES[case]
+    device = kwargs.get("device", "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA (run on the GPU machine)")
     base = make_base(tmp_path / "base", arch, dtype)
-    result = loftq_init(base, tmp_path / "out", device="cpu", **kwargs)
+    result = loftq_init(base, tmp_path / "out", **{"device": "cpu", **kwargs})
     settings = {"rank": 16, "alpha": 16, "use_rslora": False, "quant_type": "nf4", "double_quant": False} | kwargs
     scaling = lora_scaling(settings["rank"], settings["alpha"], settings["use_rslora"])
     weights = load_output(base)
@@ -77,8 +89,8 @@ def test_loftq_init_loads_in_transformers_and_peft(case, tmp_path):
     errors = []
     for module, layer in layers.items():
         W = weights[f"{module}.weight"].float()
-        expected = loftq_matrix(
-            weights[f"{module}.weight"],
+        expected = loftq_matrix(  # on the device that made the output: CUDA rounds as bitsandbytes' CUDA kernels
+            weights[f"{module}.weight"].to(device),
             rank=settings["rank"],
             scaling=scaling,
             iters=kwargs["iters"],
@@ -86,6 +98,7 @@ def test_loftq_init_loads_in_transformers_and_peft(case, tmp_path):
             double_quant=settings["double_quant"],
             svd=kwargs.get("svd", "randomized"),
         )
+        expected = on_cpu(expected)
         assert layer.scaling["default"] == pytest.approx(scaling)
         # exactly the Q, A and B that LoftQ computed
         assert torch.equal(layer.base_layer.weight.data.view(-1), expected.quantized.packed.view(-1)), module
