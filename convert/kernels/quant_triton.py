@@ -18,10 +18,13 @@ import triton.language as tl
 
 from convert.kernels import quant
 
-FLT_MAX = 3.4028234663852886e38
-N0, N1, N2, N3, N4, N5, N6, N7, N8, N9, N10, N11, N12, N13, N14 = quant.NF4_CUDA_THRESHOLDS
-F0, F1, F2, F3, F4, F5, F6 = quant.FP4_CUDA_THRESHOLDS
-ELEMENTS_PER_PROGRAM = 8192  # 16 KiB of bf16 per program: enough bytes in flight, registers to spare
+# Globals a @triton.jit function reads must be tl.constexpr.
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
+N0, N1, N2, N3, N4, N5, N6, N7, N8, N9, N10, N11, N12, N13, N14 = (tl.constexpr(t) for t in quant.NF4_CUDA_THRESHOLDS)
+F0, F1, F2, F3, F4, F5, F6 = (tl.constexpr(t) for t in quant.FP4_CUDA_THRESHOLDS)
+# Tile sizes (tools/bench_quant.py measures them): 16 KiB of bf16 per program, enough bytes in flight per SM.
+ELEMENTS_PER_PROGRAM = 8192
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -42,6 +45,14 @@ def _divide(a, b, APPROX: tl.constexpr):
         )
     else:
         return a / b
+
+
+@triton.jit
+def reciprocal_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """The GPU's 1/x as the quantize kernel takes it (tests compare it with IEEE 1/x)."""
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offsets, mask=offsets < n, other=1.0)
+    tl.store(out_ptr + offsets, _reciprocal(x, True), mask=offsets < n)
 
 
 @triton.jit
@@ -107,7 +118,7 @@ def quantize_4bit(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[tor
         blocks = _blocks_per_program(blocksize)
         _quantize_4bit_kernel[(triton.cdiv(n_blocks, blocks),)](
             x, packed, absmax, n, BLOCKSIZE=blocksize, BLOCKS=blocks, NF4=quant_type == "nf4", APPROX=x.is_cuda,
-            num_warps=8,
+            num_warps=NUM_WARPS,
         )  # fmt: skip
     return packed, absmax
 
@@ -115,27 +126,29 @@ def quantize_4bit(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[tor
 @triton.jit
 def _dequantize_4bit_kernel(
     packed_ptr, code_ptr, absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset, out_ptr, n,
-    BLOCKSIZE: tl.constexpr, BYTES: tl.constexpr, NESTED: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, BLOCKS: tl.constexpr, NESTED: tl.constexpr,
 ):  # fmt: skip
-    """One program: BYTES packed bytes -> 2 * BYTES values ``code[q] * absmax``, rounded once to the output dtype.
+    """One program: a [BLOCKS, BLOCKSIZE // 2] tile of packed bytes -> ``code[q] * absmax``, rounded once to the
+    output dtype, the two nibbles of a byte interleaved back in place.
 
-    The 16-entry code and the per-block absmax are gathered (both stay in L1). With double quant the absmax is
-    rebuilt on the fly, ``nested_code[q] * nested_absmax + offset`` as two roundings like bitsandbytes' two steps
-    (the launch turns off FMA contraction), so no fp32 absmax tensor is ever written.
+    The absmax is loaded once per row of the tile; the 16-entry code is gathered (it stays in L1). With double quant
+    the row's absmax is rebuilt on the fly, ``nested_code[q] * nested_absmax + offset`` with two roundings as
+    bitsandbytes' two steps (the launch turns off FMA contraction), so no fp32 absmax tensor is ever written.
     """
-    b = tl.program_id(0).to(tl.int64) * BYTES + tl.arange(0, BYTES)
-    byte = tl.load(packed_ptr + b, mask=b * 2 < n, other=0).to(tl.int32)
-    block = (b * 2) // BLOCKSIZE  # both nibbles of a byte share a block: BLOCKSIZE is even
+    rows = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
+    row_mask = rows * BLOCKSIZE < n
     if NESTED:
-        q = tl.load(absmax_ptr + block, mask=b * 2 < n, other=0).to(tl.int32)
-        absmax = tl.load(nested_code_ptr + q) * tl.load(nested_absmax_ptr + block // 256, mask=b * 2 < n, other=0.0)
+        q = tl.load(absmax_ptr + rows, mask=row_mask, other=0).to(tl.int32)
+        absmax = tl.load(nested_code_ptr + q) * tl.load(nested_absmax_ptr + rows // 256, mask=row_mask, other=0.0)
         absmax = absmax + offset
     else:
-        absmax = tl.load(absmax_ptr + block, mask=b * 2 < n, other=0.0)
-    high = tl.load(code_ptr + (byte >> 4)) * absmax
-    low = tl.load(code_ptr + (byte & 15)) * absmax
-    values = tl.reshape(tl.join(high, low), (2 * BYTES,))
-    offsets = tl.program_id(0).to(tl.int64) * (2 * BYTES) + tl.arange(0, 2 * BYTES)
+        absmax = tl.load(absmax_ptr + rows, mask=row_mask, other=0.0)
+    byte_offsets = rows[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
+    byte = tl.load(packed_ptr + byte_offsets, mask=byte_offsets * 2 < n, other=0).to(tl.int32)
+    high = tl.load(code_ptr + (byte >> 4)) * absmax[:, None]
+    low = tl.load(code_ptr + (byte & 15)) * absmax[:, None]
+    values = tl.reshape(tl.join(high, low), (BLOCKS, BLOCKSIZE))
+    offsets = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     tl.store(out_ptr + offsets, values.to(out_ptr.dtype.element_ty), mask=offsets < n)
 
 
@@ -154,12 +167,12 @@ def dequantize_4bit(
         return out.to(dtype)
     code = (quant.FP4_CODE_SIGNED if quant_type == "fp4" else quant.NF4_CODE).to(packed.device)
     nested_code, nested_absmax, offset = nested if nested is not None else (code, absmax, 0.0)
-    bytes_per_program = ELEMENTS_PER_PROGRAM // 2
+    blocks = _blocks_per_program(blocksize)
     options = {"enable_fp_fusion": False} if packed.is_cuda else {}
-    _dequantize_4bit_kernel[(triton.cdiv((n + 1) // 2, bytes_per_program),)](
+    _dequantize_4bit_kernel[(triton.cdiv(triton.cdiv(n, blocksize), blocks),)](
         packed.contiguous(), code, absmax.contiguous(), nested_code.to(packed.device, torch.float32).contiguous(),
         nested_absmax.contiguous(), float(offset), out, n,
-        BLOCKSIZE=blocksize, BYTES=bytes_per_program, NESTED=nested is not None, num_warps=8, **options,
+        BLOCKSIZE=blocksize, BLOCKS=blocks, NESTED=nested is not None, num_warps=NUM_WARPS, **options,
     )  # fmt: skip
     return out.to(dtype)
 
@@ -173,8 +186,9 @@ def _store_dtype(dtype: torch.dtype, like: torch.Tensor) -> torch.dtype:
 @triton.jit
 def _quantize_int8_kernel(x_ptr, q_ptr, scb_ptr, cols, BLOCK: tl.constexpr, APPROX: tl.constexpr):
     """One program per row (LLM.int8 scales rows): absmax over the row in BLOCK-wide steps, then a second pass
-    ``round(x * div.approx(127, absmax))`` (kInt8VectorQuant). A zero row gives 0 * inf = NaN, which CUDA's
-    cvt.rni turns into 0; NaN is left out of the absmax as by fmaxf."""
+    ``round(x * div.approx(127, absmax))`` (kInt8VectorQuant: MUFU.RCP, two FMULs, F2I round-half-even). A zero
+    row gives 0 * inf = NaN, which F2I turns into 0; NaN is left out of the absmax as by fmaxf. The rounding adds
+    and subtracts 1.5 * 2**23, so the launch turns FMA contraction off: it must round the fp32 product."""
     row = tl.program_id(0).to(tl.int64)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for start in range(0, cols, BLOCK):
@@ -183,7 +197,7 @@ def _quantize_int8_kernel(x_ptr, q_ptr, scb_ptr, cols, BLOCK: tl.constexpr, APPR
         acc = tl.maximum(acc, tl.where(x != x, 0.0, tl.abs(x)))
     absmax = tl.max(acc, axis=0)
     tl.store(scb_ptr + row, absmax)
-    scale = _divide(127.0, absmax, APPROX)
+    scale = _divide(tl.full((BLOCK,), 127.0, tl.float32), tl.zeros((BLOCK,), tl.float32) + absmax, APPROX)
     for start in range(0, cols, BLOCK):
         c = start + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row * cols + c, mask=c < cols, other=0.0).to(tl.float32)
@@ -199,7 +213,10 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scb = torch.empty(rows_view.shape[0], dtype=torch.float32, device=x.device)
     if x.numel():
         block = min(4096, triton.next_power_of_2(max(rows_view.shape[1], 16)))
-        _quantize_int8_kernel[(rows_view.shape[0],)](x, q, scb, rows_view.shape[1], BLOCK=block, APPROX=x.is_cuda)
+        options = {"enable_fp_fusion": False} if x.is_cuda else {}  # round x * scale, not an fma's exact product
+        _quantize_int8_kernel[(rows_view.shape[0],)](
+            x, q, scb, rows_view.shape[1], BLOCK=block, APPROX=x.is_cuda, **options
+        )
     return q, scb
 
 
