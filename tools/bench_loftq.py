@@ -38,16 +38,17 @@ from formats.writer import PlannedTensor, ShardWriter  # noqa: E402
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
 RANK = 16
-HIDDEN, LAYERS, INTER, VOCAB, HEADS, KV_HEADS = 4096, 32, 14336, 128256, 32, 8
-PROJ = {  # name: (out, in)
-    "self_attn.q_proj": (HIDDEN, HIDDEN),
-    "self_attn.k_proj": (HIDDEN * KV_HEADS // HEADS, HIDDEN),
-    "self_attn.v_proj": (HIDDEN * KV_HEADS // HEADS, HIDDEN),
-    "self_attn.o_proj": (HIDDEN, HIDDEN),
-    "mlp.gate_proj": (INTER, HIDDEN),
-    "mlp.up_proj": (INTER, HIDDEN),
-    "mlp.down_proj": (HIDDEN, INTER),
-}
+LLAMA3_8B = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    tie_word_embeddings=False,
+    dtype="bfloat16",
+)
+MATRICES_PER_LAYER = 7  # q, k, v, o, gate, up, down
 
 
 # ``--smoke``: the same steps with shapes divided by 32 on the CPU, to check the script without a GPU.
@@ -123,37 +124,25 @@ def bench_matrices() -> list[str]:
 
 
 def make_model(workdir: Path) -> Path:
-    """A Llama-3-8B-shaped bf16 checkpoint of random weights, generated on the GPU, written shard by shard."""
-    from transformers import LlamaConfig
+    """A Llama-3-8B-shaped bf16 checkpoint of random weights, generated on the GPU, written shard by shard.
+
+    The tensor names and shapes are transformers' own, from the model built on the meta device."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     started = time.perf_counter()
     base = workdir / "base"
     shutil.rmtree(workdir, ignore_errors=True)
     base.mkdir(parents=True)
-    tensors: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
-    for i in range(LAYERS):
-        for proj, shape in PROJ.items():
-            tensors[f"model.layers.{i}.{proj}.weight"] = shape
-        tensors[f"model.layers.{i}.input_layernorm.weight"] = (HIDDEN,)
-        tensors[f"model.layers.{i}.post_attention_layernorm.weight"] = (HIDDEN,)
-    tensors["model.norm.weight"] = (HIDDEN,)
-    tensors["lm_head.weight"] = (VOCAB, HIDDEN)
+    config = LlamaConfig(**LLAMA3_8B)
+    with torch.device("meta"):
+        tensors = {name: tuple(t.shape) for name, t in LlamaForCausalLM(config).state_dict().items()}
     writer = ShardWriter(base, [PlannedTensor(n, "BF16", s) for n, s in tensors.items()], 5 * 10**9)
     g = torch.Generator(DEVICE).manual_seed(0)
     for name, shape in tensors.items():
         scale = 1.0 if "norm" in name else 0.02
         writer.write(name, (torch.randn(shape, generator=g, device=DEVICE) * scale).to(torch.bfloat16).cpu())
     writer.finish()
-    LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=INTER,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        tie_word_embeddings=False,
-        dtype="bfloat16",
-    ).save_pretrained(base)
+    config.save_pretrained(base)
     (workdir / "seconds").write_text(f"{time.perf_counter() - started:.1f}")
     return base
 
@@ -180,7 +169,8 @@ def bench_model(workdir: Path) -> list[str]:
     return [
         f"- 8B-shaped model (Llama-3-8B shapes, random bf16, {size / 1e9:.1f} GB in {workdir}, generated in "
         f"{made:.0f} s): "
-        f"`convert loftq-init --device {DEVICE} --rank {RANK} --iters 5` (all-linear, {LAYERS * len(PROJ)} matrices) "
+        f"`convert loftq-init --device {DEVICE} --rank {RANK} --iters 5` "
+        f"(all-linear, {LLAMA3_8B['num_hidden_layers'] * MATRICES_PER_LAYER} matrices) "
         f"took **{wall:.1f} s** wall as a whole process, peak RSS **{rss}**, wrote {written / 1e9:.2f} GB",
         f"- its summary: `{proc.stdout.strip().splitlines()[-1]}`",
     ]
@@ -194,10 +184,10 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, no figures")
     args = parser.parse_args()
     if args.smoke:
-        global DEVICE, SHAPES, HIDDEN, LAYERS, INTER, VOCAB
-        DEVICE, HIDDEN, LAYERS, INTER, VOCAB = "cpu", 128, 2, 448, 4008
+        global DEVICE, SHAPES
+        DEVICE = "cpu"
+        LLAMA3_8B.update(hidden_size=128, num_hidden_layers=2, intermediate_size=448, vocab_size=4008)
         SHAPES = [(r // 32, c // 32) for r, c in SHAPES]
-        PROJ.update({k: (o // 32, i // 32) for k, (o, i) in PROJ.items()})
     if args.what == "make-model":
         make_model(args.workdir)
         return
