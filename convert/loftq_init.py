@@ -20,7 +20,7 @@ import resource
 import shutil
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,49 +131,27 @@ def loftq_init(
             f"{base / 'config.json'}: model_type {ckpt.config['model_type']!r} (Conv1D layers) "
             "is not supported by loftq-init"
         )
-    linear = linear_weights(ckpt)
-    targets = select_targets(linear, target_modules, ckpt)
-
-    roles = {
-        name: ("loftq" if name in targets else "quant" if name in linear.values() else "copy") for name in ckpt.tensors
-    }
-    order = sorted(ckpt.tensors.values(), key=lambda t: (str(t.path), t.offset))
-    base_plan, adapter_plan = [], []
-    for info in order:
-        if roles[info.name] == "copy":
-            base_plan.append(PlannedTensor(info.name, info.dtype, info.shape))
-        else:
-            base_plan += bnb.serialized_tensors(info.name, info.shape, info.dtype, settings.spec)
-        if roles[info.name] == "loftq":
-            a, b = adapter_names(targets[info.name])
-            adapter_plan += [
-                PlannedTensor(a, "F32", (settings.rank, info.shape[1])),
-                PlannedTensor(b, "F32", (info.shape[0], settings.rank)),
-            ]
-    main_dtype = max(
-        (t.dtype for t in ckpt.tensors.values() if t.dtype in FLOAT_DTYPES),
-        key=lambda d: sum(t.dtype == d for t in ckpt.tensors.values()),
-    )
+    plan = build_plan(ckpt, select_targets(linear_weights(ckpt), target_modules, ckpt), settings)
 
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "adapter").mkdir(parents=True)
     writers: list[ShardWriter] = []
     try:
-        base_writer = ShardWriter(tmp, base_plan, shard_bytes)
-        adapter_writer = ShardWriter(tmp / "adapter", adapter_plan, 1 << 62)
+        base_writer = ShardWriter(tmp, plan.base, shard_bytes)
+        adapter_writer = ShardWriter(tmp / "adapter", plan.adapter, 1 << 62)
         writers += [base_writer, adapter_writer]
         deq_writer = None
         if save_dequantized:
             (tmp / "dequantized").mkdir()
-            deq_plan = [PlannedTensor(t.name, t.dtype, t.shape) for t in order]
+            deq_plan = [PlannedTensor(t.name, t.dtype, t.shape) for t in plan.order]
             deq_writer = ShardWriter(tmp / "dequantized", deq_plan, shard_bytes)
             writers.append(deq_writer)
         show = not quiet and sys.stderr.isatty()
         errors: list[tuple[float, float]] = []
-        with tqdm(total=len(order), unit="tensor", disable=not show, desc="loftq-init") as bar:
-            for info, weight in stream(order, roles):
-                role = roles[info.name]
+        with tqdm(total=len(plan.order), unit="tensor", disable=not show, desc="loftq-init") as bar:
+            for info, weight in stream(plan.order, plan.roles):
+                role = plan.roles[info.name]
                 if role == "copy":
                     for w in (base_writer, deq_writer):
                         if w is not None:
@@ -183,24 +161,24 @@ def loftq_init(
                     q = result["q"]
                     write_4bit(base_writer, info.name, q, settings.spec)
                     if role == "loftq":
-                        a, b = adapter_names(targets[info.name])
+                        a, b = adapter_names(plan.targets[info.name])
                         adapter_writer.write(a, result["A"].cpu())
                         adapter_writer.write(b, result["B"].cpu())
                         errors.append((result["error"], result["quant_error"]))
                     if deq_writer is not None:
                         deq_writer.write(info.name, dequantize_4bit(q, DTYPES[info.dtype]).cpu())
                 bar.update(1)
-        files = base_writer.finish()
+        base_writer.finish()
         adapter_files = adapter_writer.finish()
         os.rename(tmp / "adapter" / adapter_files[0], tmp / "adapter" / ADAPTER_WEIGHTS)
-        quant_config = bnb.quantization_config(settings.spec, main_dtype)
-        write_config(ckpt.config, tmp, main_dtype, {"quantization_config": quant_config})
-        files += ["config.json", *copy_side_files([base], tmp)]
+        quant_config = bnb.quantization_config(settings.spec, plan.dtype)
+        write_config(ckpt.config, tmp, plan.dtype, {"quantization_config": quant_config})
+        copy_side_files([base], tmp)
         if deq_writer is not None:
             deq_writer.finish()
-            write_config(ckpt.config, tmp / "dequantized", main_dtype, {})
+            write_config(ckpt.config, tmp / "dequantized", plan.dtype, {})
             copy_side_files([base], tmp / "dequantized")
-        write_adapter_config(tmp / "adapter", out, settings, sorted(targets.values()), target_modules)
+        write_adapter_config(tmp / "adapter", out, settings, sorted(plan.targets.values()), target_modules)
         mean_error = sum(e for e, _ in errors) / max(1, len(errors))
         mean_quant = sum(q for _, q in errors) / max(1, len(errors))
         write_adapter_card(tmp / "adapter", base, settings, len(errors), mean_error, mean_quant)
@@ -212,15 +190,48 @@ def loftq_init(
         raise
     return LoftQInitResult(
         out=out,
-        initialized=len(targets),
-        quantized=len(linear) - len(targets),
-        copied=sum(r == "copy" for r in roles.values()),
+        initialized=len(plan.targets),
+        quantized=sum(r == "quant" for r in plan.roles.values()),
+        copied=sum(r == "copy" for r in plan.roles.values()),
         mean_error=mean_error,
         mean_quant_error=mean_quant,
         bytes_written=sum(f.stat().st_size for f in out.rglob("*") if f.is_file()),
         seconds=time.perf_counter() - started,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     )
+
+
+@dataclass
+class LoftQPlan:
+    """What happens to every base tensor, and the output layouts, fixed from headers before any byte is written."""
+
+    order: list[TensorInfo]  # base tensors in file order (sequential reads)
+    roles: dict[str, str]  # name -> "loftq" (target), "quant" (other linear layer) or "copy"
+    targets: dict[str, str]  # weight name -> module path, for the LoftQ targets
+    base: list[PlannedTensor]  # the 4-bit base's tensors
+    adapter: list[PlannedTensor]  # lora_A / lora_B of every target
+    dtype: str  # the base's main float dtype: config.json's dtype and the 4-bit compute dtype
+
+
+def build_plan(ckpt: Checkpoint, targets: dict[str, str], settings: Settings) -> LoftQPlan:
+    linear = set(linear_weights(ckpt).values())
+    roles = {n: "loftq" if n in targets else "quant" if n in linear else "copy" for n in ckpt.tensors}
+    order = sorted(ckpt.tensors.values(), key=lambda t: (str(t.path), t.offset))
+    base, adapter = [], []
+    for info in order:
+        if roles[info.name] == "copy":
+            base.append(PlannedTensor(info.name, info.dtype, info.shape))
+        else:
+            base += bnb.serialized_tensors(info.name, info.shape, info.dtype, settings.spec)
+        if roles[info.name] == "loftq":
+            a, b = adapter_names(targets[info.name])
+            adapter += [
+                PlannedTensor(a, "F32", (settings.rank, info.shape[1])),
+                PlannedTensor(b, "F32", (info.shape[0], settings.rank)),
+            ]
+    float_dtypes = Counter(t.dtype for t in order if t.dtype in FLOAT_DTYPES)
+    dtype = float_dtypes.most_common(1)[0][0] if float_dtypes else "F32"
+    return LoftQPlan(order, roles, targets, base, adapter, dtype)
 
 
 def check_settings(
@@ -349,7 +360,7 @@ def write_adapter_config(
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": str(out.resolve()),
         "r": settings.rank,
-        "lora_alpha": settings.alpha,
+        "lora_alpha": int(settings.alpha) if float(settings.alpha).is_integer() else settings.alpha,
         "use_rslora": settings.use_rslora,
         "target_modules": names,
         "lora_dropout": 0.0,
