@@ -198,3 +198,18 @@ def test_cli_summary_and_refuses_conv1d(tmp_path):
     gpt2 = make_base(tmp_path / "gpt2", "gpt2")
     with pytest.raises(ConvertError, match="Conv1D"):
         loftq_init(gpt2, tmp_path / "out2")
+
+
+@pytest.mark.parametrize("save", [dict(safe_serialization=False), dict(max_shard_size="100KB")])
+def test_bin_and_sharded_bases_give_the_same_output(save, tmp_path):
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS["llama"]()).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "single")
+    model.save_pretrained(tmp_path / "other", **save)
+    for name in ("single", "other"):
+        loftq_init(tmp_path / name, tmp_path / f"out-{name}", rank=4, iters=2, device="cpu", max_shard_size="50KB")
+    single, other = load_output(tmp_path / "out-single"), load_output(tmp_path / "out-other")
+    assert single.keys() == other.keys() and all(torch.equal(single[k], other[k]) for k in single)
+    adapters = [load_output(tmp_path / f"out-{n}" / "adapter") for n in ("single", "other")]
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+    assert len(list((tmp_path / "out-other").glob("model-*.safetensors"))) > 1
