@@ -24,14 +24,15 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view({4: torch.int32, 2: torch.int16, 1: torch.uint8}[t.element_size()])
 
 
-def sample(shape, dtype, blocksize: int, seed: int = 0) -> torch.Tensor:
-    """Normal values with an all-zero first block, a block with one large outlier and some tiny values."""
+def sample(shape, dtype, blocksize: int, seed: int = 0, nan: bool = False) -> torch.Tensor:
+    """Normal values with an all-zero first block, a block with one large outlier (and a NaN) and tiny values."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g).view(-1)
     n = x.numel()
     x[: min(n, blocksize)] = 0.0
-    if n > blocksize + 3:
+    if n > blocksize + 9:
         x[blocksize + 3] = 80.0
+        x[blocksize + 9] = float("nan") if nan else x[blocksize + 9]
     if n > 2 * blocksize + 4:
         x[2 * blocksize : 2 * blocksize + 4] = torch.tensor([1e-3, -1e-3, 1e-6, -0.0])
     return x.view(shape).to(dtype)

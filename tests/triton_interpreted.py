@@ -58,12 +58,22 @@ def test_dequantize_4bit_with_and_without_double_quant(dtype, quant_type):
             out = T.dequantize_4bit(packed, absmax, blocksize, quant_type, n, dtype)
             ref = Q.dequantize_blocks_4bit_torch(packed, absmax, blocksize, quant_type, (n,), dtype, rule="cuda")
             assert torch.equal(bits(out), bits(ref)), (n, blocksize)
-            qabsmax, nested_absmax, offset = Q.double_quantize(absmax)
-            nested = (Q.DYNAMIC_CODE, nested_absmax, offset)
+            qabsmax, nested_absmax, offset = Q.double_quantize_torch(absmax, rule="cuda")
+            nested = (nested_absmax, offset)
             out = T.dequantize_4bit(packed, qabsmax, blocksize, quant_type, n, dtype, nested)
             full_absmax = Q.undo_double_quant(qabsmax, nested_absmax, offset)
             ref = Q.dequantize_blocks_4bit_torch(packed, full_absmax, blocksize, quant_type, (n,), dtype, rule="cuda")
             assert torch.equal(bits(out), bits(ref)), (n, blocksize)
+
+
+def test_double_quantize():
+    for n in (1, 5, 256, 257, 3000):
+        absmax = sample(n, torch.float32, 64).nan_to_num().abs() + 0.5
+        absmax[0], absmax[-1] = 0.0, 30.0  # a zero block's absmax, an outlier's
+        q, nested_absmax, mean = T.double_quantize(absmax)
+        ref_q, ref_nested, ref_offset = Q.double_quantize_torch(absmax, rule="cuda")
+        assert torch.equal(q, ref_q) and torch.equal(bits(nested_absmax), bits(ref_nested)), n
+        assert mean.item() == ref_offset
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

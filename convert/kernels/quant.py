@@ -1,19 +1,27 @@
 """NF4/FP4 and LLM.int8 quantization, bit-identical to bitsandbytes 0.50.
 
 bitsandbytes rounds differently on CPU and on CUDA, so "identical to bitsandbytes" means identical to bitsandbytes
-*on the same device*; the two rules differ only in rare ties and edge cases:
+*on the same device*. The two rules differ in ties and edge cases (FP4 on bf16/fp16 data hits exact ties often):
 
-- ``"cpu"`` (``bitsandbytes.backends.default``): ``x * (1 / absmax)`` with ``absmax`` clamped to 1e-38 (the last,
-  partial block divides instead), ``clamp(-1, 1)``, then the nearest code by fp32 midpoints (ties go down);
-  NaN propagates into absmax; an all-zero partial block stores absmax 1e-38.
-- ``"cuda"`` (``csrc/kernels.cu``, built with ``--use_fast_math``): ``x * rcp(absmax)`` with NaN ignored by absmax,
-  then ``dQuantizeNF4`` / ``dQuantizeFP4`` decision trees whose thresholds are float64 midpoints rounded to fp32
-  (strict ``>``: ties go down); 0 * inf = NaN makes an all-zero block code 0 (-1.0 * 0 for NF4).
+- ``"cpu"`` (``bitsandbytes.backends.default`` and its C++ kernels): 4-bit is ``x * (1 / absmax)`` with ``absmax``
+  clamped to 1e-38 (the last, partial block divides instead), ``clamp(-1, 1)``, then the nearest code by fp32
+  midpoints (ties go down); NaN propagates into absmax; an all-zero partial block stores absmax 1e-38. The nested
+  8-bit code of double quant goes through a 65536-bin lookup table; int8 is ``round(x * (127 * (1 / absmax)))``.
+- ``"cuda"`` (``csrc/kernels.cu``, built with ``--use_fast_math``): ``x * rcp.approx(absmax)`` with NaN left out
+  of absmax, then the ``dQuantizeNF4`` / ``dQuantizeFP4`` decision trees (their fp32 literals, strict ``>``);
+  0 * inf = NaN makes an all-zero block code 0; FP4's "-0" dequantizes to -0.0; the nested code is dQuantize's
+  binary search; int8 rounds ``x * (127 * rcp.approx(absmax))`` half to even, a zero row to 0.
 
-CUDA tensors run the Triton kernels of ``quant_triton`` (the CUDA rule); CPU tensors the torch code below (the
-CPU rule). The torch code also implements the CUDA rule (``rule="cuda"``): it is the oracle the Triton kernels are
-tested against through ``TRITON_INTERPRET=1``. Everything here is O(n) memory: codes are found by comparing with
-midpoints (``torch.bucketize``), never through (..., 16) distance tables.
+CUDA tensors run the Triton kernels of ``quant_triton`` (the CUDA rule, checked byte for byte against
+bitsandbytes' CUDA kernels on the GPU machine); CPU tensors the torch code below (the CPU rule). The torch code also
+implements the CUDA rule (``rule="cuda"``) with IEEE reciprocals, as the oracle of the Triton kernels under
+``TRITON_INTERPRET=1``; the hardware's ``rcp.approx`` cannot be reproduced on a CPU. Everything here is O(n) memory:
+codes are found by comparing with midpoints (``torch.bucketize``), never through (..., 16) distance tables.
+
+Known differences kept on purpose: bitsandbytes' CPU ``dequantize_4bit`` kernel scrambles rows that are not whole
+blocks (e.g. a (48, 96) weight at blocksize 64) and its CPU kernels disagree among themselves on the sign of FP4's
+zero; here the dequantization is always the flat, consistent one (the tests pin both). Denormal inputs (bf16 below
+1.2e-38) are not flushed to zero as ``--use_fast_math`` does.
 """
 
 from __future__ import annotations
@@ -246,18 +254,31 @@ def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, f
     """bitsandbytes' ``compress_statistics``: (uint8 absmax, nested absmax fp32, offset).
 
     ``absmax - mean`` is quantized in blocks of 256 with the 8-bit dynamic code. The mean is torch's on the tensor's
-    device, as in bitsandbytes, so the offset's last bit follows that device's summation order. Small (n/blocksize
-    values), so plain torch on every device.
+    device, as in bitsandbytes, so the offset's last bit follows that device's summation order.
     """
     absmax = absmax.float()
+    if absmax.is_cuda:
+        from convert.kernels import quant_triton
+
+        q, nested_absmax, mean = quant_triton.double_quantize(absmax)
+        return q, nested_absmax, float(mean)
+    return double_quantize_torch(absmax, rule="cpu")
+
+
+def double_quantize_torch(absmax: torch.Tensor, rule: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``double_quantize`` in torch, under bitsandbytes' CPU rule or (the oracle of the Triton kernel) its CUDA one.
+    Both leave NaN out of the nested absmax; on CUDA an all-NaN block keeps fmaxf's start, -FLT_MAX."""
     offset = absmax.mean()
     centred = absmax - offset
     n = centred.numel()
     blocks = torch.nn.functional.pad(centred, (0, -n % NESTED_BLOCKSIZE)).view(-1, NESTED_BLOCKSIZE)
-    # NaN is ignored by both devices' absmax; the zero padding of the last block cannot raise it
-    nested_absmax = torch.where(blocks.isnan(), 0.0, blocks.abs()).amax(dim=1)
+    nan_as = 0.0 if rule == "cpu" else -FLT_MAX
+    nested_absmax = torch.where(blocks.isnan(), nan_as, blocks.abs()).amax(dim=1)
     scaled = (blocks * (1.0 / nested_absmax).unsqueeze(1)).view(-1)
-    q = _dynamic_cuda(scaled) if absmax.is_cuda else _dynamic_cpu(scaled, (nested_absmax == 0).repeat_interleave(256))
+    if rule == "cpu":
+        q = _dynamic_cpu(scaled, (nested_absmax == 0).repeat_interleave(NESTED_BLOCKSIZE))
+    else:
+        q = _dynamic_cuda(scaled)
     return q[:n], nested_absmax, float(offset)
 
 
@@ -340,7 +361,7 @@ def dequantize_4bit(q: Quantized4bit, dtype: torch.dtype | None = None) -> torch
     if q.packed.is_cuda:  # the kernel undoes double quant on the fly
         from convert.kernels import quant_triton
 
-        nested = None if q.nested_absmax is None else (DYNAMIC_CODE, q.nested_absmax, q.offset)
+        nested = None if q.nested_absmax is None else (q.nested_absmax, q.offset)
         flat = q.packed.view(torch.uint8).view(-1)
         n = math.prod(q.shape)
         return quant_triton.dequantize_4bit(

@@ -12,6 +12,8 @@ PTX: those become IEEE divisions, the same as the torch oracle ``quant.quantize_
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -22,9 +24,17 @@ from convert.kernels import quant
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
 N0, N1, N2, N3, N4, N5, N6, N7, N8, N9, N10, N11, N12, N13, N14 = (tl.constexpr(t) for t in quant.NF4_CUDA_THRESHOLDS)
 F0, F1, F2, F3, F4, F5, F6 = (tl.constexpr(t) for t in quant.FP4_CUDA_THRESHOLDS)
-# Tile sizes (tools/bench_quant.py measures them): 16 KiB of bf16 per program, enough bytes in flight per SM.
-ELEMENTS_PER_PROGRAM = 8192
-NUM_WARPS = 8
+# Tile shapes, the fastest of tools/bench_quant.py --tune on an H100 (tools/results/bench_quant.md).
+ELEMENTS_PER_PROGRAM = 4096
+QUANTIZE_WARPS = 16
+DEQUANTIZE_WARPS = 8
+
+
+@functools.cache
+def _table(name: str, device: torch.device) -> torch.Tensor:
+    """A code table on ``device``, copied there once (a host-to-device copy per call would cost more than a
+    small matrix's whole dequantization)."""
+    return {"nf4": quant.NF4_CODE, "fp4": quant.FP4_CODE_SIGNED, "dynamic": quant.DYNAMIC_CODE}[name].to(device)
 
 
 @triton.jit
@@ -90,16 +100,22 @@ def _quantize_4bit_kernel(
     Loaded once as a tile so the absmax is a row reduction in registers; elements past ``n`` load as 0.0, which is
     what bitsandbytes' kernel pads a partial last block with (they count in its absmax and quantize the odd
     element's partner). NaN is left out of the absmax (CUDA's fmaxf), starting from -FLT_MAX as bitsandbytes does.
+    The element pairs that share a byte are split apart in registers (loading them as two stride-2 tiles instead
+    measured 2.5x slower).
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
     offsets = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     x = tl.load(x_ptr + offsets, mask=offsets < n, other=0.0).to(tl.float32)
-    absmax = tl.max(tl.where(x != x, -FLT_MAX, tl.abs(x)), axis=1)
-    scaled = x * _reciprocal(absmax, APPROX)[:, None]
-    codes = _nf4_code(scaled) if NF4 else _fp4_code(scaled)
-    high, low = tl.split(tl.reshape(codes, (BLOCKS, BLOCKSIZE // 2, 2)))
-    byte_offsets = rows[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
-    tl.store(packed_ptr + byte_offsets, ((high << 4) | low).to(tl.uint8), mask=byte_offsets * 2 < n)
+    high, low = tl.split(tl.reshape(x, (BLOCKS, BLOCKSIZE // 2, 2)))
+    pairs = rows[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]  # = byte offsets
+    high_abs = tl.max(tl.where(high != high, -FLT_MAX, tl.abs(high)), axis=1)
+    absmax = tl.maximum(high_abs, tl.max(tl.where(low != low, -FLT_MAX, tl.abs(low)), axis=1))
+    inverse = _reciprocal(absmax, APPROX)[:, None]
+    if NF4:
+        byte = (_nf4_code(high * inverse) << 4) | _nf4_code(low * inverse)
+    else:
+        byte = (_fp4_code(high * inverse) << 4) | _fp4_code(low * inverse)
+    tl.store(packed_ptr + pairs, byte.to(tl.uint8), mask=2 * pairs < n)
     tl.store(absmax_ptr + rows, absmax, mask=rows * BLOCKSIZE < n)
 
 
@@ -118,7 +134,7 @@ def quantize_4bit(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[tor
         blocks = _blocks_per_program(blocksize)
         _quantize_4bit_kernel[(triton.cdiv(n_blocks, blocks),)](
             x, packed, absmax, n, BLOCKSIZE=blocksize, BLOCKS=blocks, NF4=quant_type == "nf4", APPROX=x.is_cuda,
-            num_warps=NUM_WARPS,
+            num_warps=QUANTIZE_WARPS,
         )  # fmt: skip
     return packed, absmax
 
@@ -159,20 +175,20 @@ def dequantize_4bit(
     quant_type: str,
     n: int,
     dtype: torch.dtype,
-    nested: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    nested: tuple[torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
-    """Flat ``n`` values of ``dtype``; ``absmax`` is fp32, or uint8 with ``nested = (code, nested_absmax, offset)``."""
+    """Flat ``n`` values of ``dtype``; ``absmax`` is fp32, or uint8 with ``nested = (nested_absmax, offset)``."""
     out = torch.empty(n, dtype=_store_dtype(dtype, packed), device=packed.device)
     if not n:
         return out.to(dtype)
-    code = (quant.FP4_CODE_SIGNED if quant_type == "fp4" else quant.NF4_CODE).to(packed.device)
-    nested_code, nested_absmax, offset = nested if nested is not None else (code, absmax, 0.0)
+    code = _table(quant_type, packed.device)
+    nested_absmax, offset = nested if nested is not None else (absmax, 0.0)
     blocks = _blocks_per_program(blocksize)
     options = {"enable_fp_fusion": False} if packed.is_cuda else {}
     _dequantize_4bit_kernel[(triton.cdiv(triton.cdiv(n, blocksize), blocks),)](
-        packed.contiguous(), code, absmax.contiguous(), nested_code.to(packed.device, torch.float32).contiguous(),
-        nested_absmax.contiguous(), float(offset), out, n,
-        BLOCKSIZE=blocksize, BLOCKS=blocks, NESTED=nested is not None, num_warps=NUM_WARPS, **options,
+        packed.contiguous(), code, absmax.contiguous(), _table("dynamic", packed.device), nested_absmax.contiguous(),
+        float(offset), out, n,
+        BLOCKSIZE=blocksize, BLOCKS=blocks, NESTED=nested is not None, num_warps=DEQUANTIZE_WARPS, **options,
     )  # fmt: skip
     return out.to(dtype)
 
@@ -184,22 +200,66 @@ def _store_dtype(dtype: torch.dtype, like: torch.Tensor) -> torch.dtype:
 
 
 @triton.jit
-def _quantize_int8_kernel(x_ptr, q_ptr, scb_ptr, cols, BLOCK: tl.constexpr, APPROX: tl.constexpr):
+def _double_quantize_kernel(absmax_ptr, mean_ptr, code_ptr, q_ptr, nested_ptr, n, APPROX: tl.constexpr):
+    """One program per block of 256 absmax values: ``absmax - mean`` -> 8-bit dynamic code (kQuantizeBlockwise
+    with the General8bit code). dQuantize<0> is transcribed step by step: a 7-step binary search over the 256
+    sorted codes from pivot 127 (the codes gathered from L1), then the fp32 midpoint ``(neighbour + code) * 0.5``
+    between the pivot and its neighbour on x's side decides. The mean stays on the device (no sync)."""
+    offsets = tl.program_id(0) * 256 + tl.arange(0, 256)
+    mask = offsets < n
+    x = tl.where(mask, tl.load(absmax_ptr + offsets, mask=mask, other=0.0) - tl.load(mean_ptr), 0.0)
+    nested = tl.max(tl.where(x != x, -FLT_MAX, tl.abs(x)), axis=0)
+    tl.store(nested_ptr + tl.program_id(0), nested)
+    x = x * _reciprocal(tl.zeros((256,), tl.float32) + nested, APPROX)
+    pivot = tl.full((256,), 127, tl.int32)
+    lower_pivot = tl.zeros((256,), tl.int32)
+    upper_pivot = tl.full((256,), 255, tl.int32)
+    lower = tl.full((256,), -1.0, tl.float32)
+    upper = tl.full((256,), 1.0, tl.float32)
+    val = tl.load(code_ptr + pivot)
+    for i in tl.static_range(7):
+        right = x > val
+        lower_pivot, lower = tl.where(right, pivot, lower_pivot), tl.where(right, val, lower)
+        upper_pivot, upper = tl.where(right, upper_pivot, pivot), tl.where(right, upper, val)
+        pivot = pivot + tl.where(right, 64 >> i, -(64 >> i))
+        val = tl.load(code_ptr + pivot)
+    upper = tl.where(upper_pivot == 255, tl.load(code_ptr + upper_pivot), upper)
+    lower = tl.where(lower_pivot == 0, tl.load(code_ptr + lower_pivot), lower)
+    go_up = tl.where(x > (upper + val) * 0.5, upper_pivot, pivot)
+    go_down = tl.where(x < (lower + val) * 0.5, lower_pivot, pivot)
+    tl.store(q_ptr + offsets, tl.where(x > val, go_up, go_down).to(tl.uint8), mask=mask)
+
+
+def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(uint8 absmax, nested absmax fp32, offset as a 0-d device tensor) of an fp32 absmax."""
+    mean = absmax.mean()  # torch's reduction, as bitsandbytes: the offset's last bit follows its summation order
+    n = absmax.numel()
+    q = torch.empty(n, dtype=torch.uint8, device=absmax.device)
+    nested = torch.empty(triton.cdiv(n, 256), dtype=torch.float32, device=absmax.device)
+    if n:
+        _double_quantize_kernel[(nested.numel(),)](
+            absmax.contiguous(), mean, _table("dynamic", absmax.device), q, nested, n, APPROX=absmax.is_cuda
+        )
+    return q, nested, mean
+
+
+@triton.jit
+def _quantize_int8_kernel(x_ptr, q_ptr, scb_ptr, cols, BLOCK: tl.constexpr, CHUNKS: tl.constexpr, APPROX: tl.constexpr):
     """One program per row (LLM.int8 scales rows): absmax over the row in BLOCK-wide steps, then a second pass
     ``round(x * div.approx(127, absmax))`` (kInt8VectorQuant: MUFU.RCP, two FMULs, F2I round-half-even). A zero
     row gives 0 * inf = NaN, which F2I turns into 0; NaN is left out of the absmax as by fmaxf. The rounding adds
     and subtracts 1.5 * 2**23, so the launch turns FMA contraction off: it must round the fp32 product."""
     row = tl.program_id(0).to(tl.int64)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for start in range(0, cols, BLOCK):
-        c = start + tl.arange(0, BLOCK)
+    for chunk in range(CHUNKS):
+        c = chunk * BLOCK + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row * cols + c, mask=c < cols, other=0.0).to(tl.float32)
         acc = tl.maximum(acc, tl.where(x != x, 0.0, tl.abs(x)))
     absmax = tl.max(acc, axis=0)
     tl.store(scb_ptr + row, absmax)
     scale = _divide(tl.full((BLOCK,), 127.0, tl.float32), tl.zeros((BLOCK,), tl.float32) + absmax, APPROX)
-    for start in range(0, cols, BLOCK):
-        c = start + tl.arange(0, BLOCK)
+    for chunk in range(CHUNKS):
+        c = chunk * BLOCK + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row * cols + c, mask=c < cols, other=0.0).to(tl.float32)
         y = x * scale
         rounded = (y + 12582912.0) - 12582912.0  # 1.5 * 2**23: fp32 addition rounds to the nearest even integer
@@ -212,10 +272,11 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
     scb = torch.empty(rows_view.shape[0], dtype=torch.float32, device=x.device)
     if x.numel():
-        block = min(4096, triton.next_power_of_2(max(rows_view.shape[1], 16)))
+        cols = rows_view.shape[1]
+        block = min(4096, triton.next_power_of_2(max(cols, 16)))
         options = {"enable_fp_fusion": False} if x.is_cuda else {}  # round x * scale, not an fma's exact product
         _quantize_int8_kernel[(rows_view.shape[0],)](
-            x, q, scb, rows_view.shape[1], BLOCK=block, APPROX=x.is_cuda, **options
+            x, q, scb, cols, BLOCK=block, CHUNKS=triton.cdiv(cols, block), APPROX=x.is_cuda, **options
         )
     return q, scb
 
