@@ -128,10 +128,8 @@ def quantization_options(command):
 @click.option(
     "--train-quant",
     type=click.Choice(["nf4", "fp4", "int8"]),
-    default="nf4",
-    show_default=True,
-    help="Quantization the adapter was trained through, for --merge-into dequantized "
-    "(with --blocksize and --double-quant).",
+    help="Quantization the adapter was trained through, for --merge-into dequantized (with --blocksize and "
+    "--double-quant). Default: the config PEFT recorded in the adapter's README.md, else nf4.",
 )
 def merge_command(base, adapter, out, dtype, device, max_shard_size, chunk_size, overwrite, quiet, **quant) -> None:
     """Merge a LoRA adapter into its base model, as PEFT's merge_and_unload would."""

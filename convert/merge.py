@@ -13,7 +13,7 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,9 +21,9 @@ from tqdm import tqdm
 
 from convert.pipeline import DEFAULT_CHUNK_BYTES, run_plan
 from convert.plan import build_plan
-from convert.quantize import check_merge_into, merge_into_dequantized, quantize_plan
+from convert.quantize import check_merge_into, merge_into_dequantized, quantize_plan, training_spec
+from formats import bnb  # the module, not names: it imports convert.kernels, so may be mid-import
 from formats.adapter import open_adapter
-from formats.bnb import QuantSpec
 from formats.checkpoint import open_checkpoint
 from formats.errors import ConvertError
 from formats.hf_files import copy_side_files, write_config, write_model_card
@@ -35,14 +35,16 @@ class MergeResult:
     out: Path
     files: list[str]
     merged: int  # tensors changed by the adapter
-    copied: int  # tensors written unchanged (byte copies and casts)
+    copied: int  # tensors written unchanged (byte copies and casts), not quantized
     bytes_written: int
     seconds: float
     peak_rss_bytes: int
+    quantized: int = 0  # tensors written bitsandbytes-quantized (merged or not)
 
     def summary(self) -> str:
+        quantized = f", quantized {self.quantized}" if self.quantized else ""
         return (
-            f"merged {self.merged} tensors, copied {self.copied}, wrote {human_bytes(self.bytes_written)} "
+            f"merged {self.merged} tensors, copied {self.copied}{quantized}, wrote {human_bytes(self.bytes_written)} "
             f"to {self.out} in {self.seconds:.1f} s, peak RSS {human_bytes(self.peak_rss_bytes)}"
         )
 
@@ -69,15 +71,16 @@ def merge(
     compute_dtype: str = "auto",
     skip_modules: tuple[str, ...] = (),
     merge_into: str = "original",
-    train_quant: str = "nf4",
+    train_quant: str | None = None,
 ) -> MergeResult:
     """Merge ``adapter`` into ``base`` and write the result to ``out``; the CLI's ``convert merge``.
 
     With ``adapter=None`` the base is rewritten (resharded, or cast with ``dtype``).
     A bitsandbytes-quantized base is dequantized as it is read; ``quantize`` (nf4, fp4, int8)
     writes the output quantized, with the bitsandbytes settings that follow it. ``merge_into=
-    "dequantized"`` adds the delta to a 16-bit base's weights rounded through ``train_quant``
-    (the quantization a QLoRA adapter was trained against; blocksize and double_quant as above).
+    "dequantized"`` adds the delta to a 16-bit base's weights rounded through the quantization a
+    QLoRA adapter was trained against: ``train_quant`` (blocksize and double_quant as above) or,
+    when None, what PEFT recorded in the adapter's README.md, else NF4.
     Raises ``ConvertError`` for bad input, before or while writing; ``out`` is then left untouched.
     """
     started = time.perf_counter()
@@ -96,9 +99,10 @@ def merge(
     peft = open_adapter(adapter_dir) if adapter_dir is not None else None
     plan = build_plan(ckpt, peft, dtype)
     check_merge_into(merge_into)
-    spec = QuantSpec(quantize or train_quant, blocksize, double_quant, quant_storage, compute_dtype, (*skip_modules,))
+    spec = bnb.QuantSpec(quantize or "nf4", blocksize, double_quant, quant_storage, compute_dtype, (*skip_modules,))
     if merge_into == "dequantized":
-        plan = merge_into_dequantized(plan, replace(spec, method=train_quant), ckpt.config)
+        trained = training_spec(spec, train_quant, adapter_dir)
+        plan = merge_into_dequantized(plan, trained, ckpt.config, torch_device)
     if quantize is not None:
         plan = quantize_plan(plan, spec, ckpt.config)
 
@@ -139,10 +143,11 @@ def merge(
         out=out,
         files=sorted(files),
         merged=merged,
-        copied=len(plan.tensors) - merged,
+        copied=sum(t.delta is None and t.quant is None for t in plan.tensors),
         bytes_written=sum((out / f).stat().st_size for f in files),
         seconds=time.perf_counter() - started,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        quantized=sum(t.quant is not None for t in plan.tensors),
     )
 
 

@@ -21,7 +21,7 @@ import torch
 
 from convert.lora import BiasDelta, LowRankDelta
 from convert.plan import OutputTensor
-from formats.bnb import StreamingQuantizer, chunk_rows
+from formats import bnb  # the module, not names: it imports convert.kernels, so may be mid-import
 from formats.safetensors_file import DTYPES, read_tensor
 from formats.writer import ShardWriter
 
@@ -163,7 +163,7 @@ def plan_jobs(tensors: list[OutputTensor], chunk_elements: int) -> list[Work]:
         for start, stop in (
             [(0, 0)]
             if out.byte_copy
-            else row_chunks(out.shape, chunk_elements, chunk_rows(out.shape, out.quant) if out.quant else 1)
+            else row_chunks(out.shape, chunk_elements, bnb.chunk_rows(out.shape, out.quant) if out.quant else 1)
         )
     ]
 
@@ -178,7 +178,7 @@ class Worker:
         chunk_elements: int,
         row: int,
         tile: int,
-        quantizers: dict[str, StreamingQuantizer] | None = None,
+        quantizers: dict[str, bnb.StreamingQuantizer] | None = None,
     ):
         self.writer, self.device, self.tile = writer, device, tile
         self.quantizers = quantizers or {}
@@ -235,7 +235,9 @@ def run_plan(
     tile = CPU_TILE_ELEMENTS if on_cpu else chunk_elements
     row = max_row(tensors)
     quantizers = {
-        t.name: StreamingQuantizer(writer, t.name, t.shape, t.dtype, t.quant) for t in tensors if t.quant is not None
+        t.name: bnb.StreamingQuantizer(writer, t.name, t.shape, t.dtype, t.quant)
+        for t in tensors
+        if t.quant is not None
     }
     workers = [Worker(writer, device, chunk_elements, row, tile, quantizers) for _ in range(count)]
     jobs = iter(plan_jobs(tensors, chunk_elements))
@@ -277,7 +279,7 @@ def max_row(tensors: list[OutputTensor]) -> int:
     group of rows that holds whole blocks, plus one: the most a chunk can exceed its budget by)."""
     return max(
         (
-            math.prod(t.shape[1:]) * (chunk_rows(t.shape, t.quant) + 1 if t.quant else 1)
+            math.prod(t.shape[1:]) * (bnb.chunk_rows(t.shape, t.quant) + 1 if t.quant else 1)
             for t in tensors
             if not t.byte_copy and len(t.shape) > 1
         ),

@@ -10,8 +10,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 from convert.lora import BiasDelta, Delta, check_config, low_rank_delta, scaling_for
+from formats import bnb  # the module, not names: it imports convert.kernels, so may be mid-import
 from formats.adapter import Adapter
-from formats.bnb import QuantSpec, serialized_tensors
 from formats.checkpoint import Checkpoint
 from formats.errors import ConvertError
 from formats.safetensors_file import FLOAT_DTYPES, TensorInfo
@@ -27,7 +27,7 @@ class OutputTensor:
     dtype: str
     source: TensorInfo
     delta: Delta | None = None
-    quant: QuantSpec | None = None  # written bitsandbytes-quantized (``convert.quantize``)
+    quant: bnb.QuantSpec | None = None  # written bitsandbytes-quantized (``convert.quantize``)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -40,7 +40,7 @@ class OutputTensor:
     @property
     def serialized(self) -> list[PlannedTensor]:
         """The tensors written to the shards: this one, or the several a quantized weight is saved as."""
-        return serialized_tensors(self.name, self.shape, self.dtype, self.quant) if self.quant else [self.planned]
+        return bnb.serialized_tensors(self.name, self.shape, self.dtype, self.quant) if self.quant else [self.planned]
 
     @property
     def byte_copy(self) -> bool:

@@ -28,7 +28,6 @@ import math
 import re
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -48,6 +47,7 @@ SUFFIXES_4BIT = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
 # The longest repr of a float64 ("-2.2250738585072014e-308"): the quant-state blob is planned
 # before the double-quant offset is known, so its JSON is padded with spaces (valid JSON) to this.
 MAX_FLOAT_REPR = 24
+DEQUANT_TILE = 1 << 18  # values dequantized per kernel call while reading
 
 
 def codes(quant_type: str) -> torch.Tensor:
@@ -71,16 +71,20 @@ class Packed4bit:
     shape: tuple[int, ...]
     dtype: torch.dtype
 
-    def read_rows(self, start: int, stop: int) -> torch.Tensor:
-        cols = math.prod(self.shape[1:])
+    def read_rows(self, start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, stop), dequantized a tile of whole blocks at a time into ``buffer`` (or a new tensor):
+        the kernel's temporaries (int64 codes, fp32 values) then stay a few MB whatever the chunk."""
+        cols, n, bs = math.prod(self.shape[1:]), math.prod(self.shape), self.blocksize
         e0, e1 = start * cols, stop * cols
-        b0, b1 = e0 // self.blocksize, -(-e1 // self.blocksize)
-        first = b0 * self.blocksize
-        packed = read_bytes(self.packed, first // 2, (min(b1 * self.blocksize, math.prod(self.shape)) + 1) // 2)
-        absmax = self.block_absmax(b0, b1)
-        n = min(b1 * self.blocksize, math.prod(self.shape)) - first
-        values = quant.dequantize_blocks_4bit(packed, absmax, self.blocksize, self.quant_type, (n,), self.dtype)
-        return values.reshape(-1)[e0 - first : e1 - first].reshape(stop - start, *self.shape[1:])
+        out, tile = output(buffer, e1 - e0, self.dtype), max(bs, DEQUANT_TILE // bs * bs)
+        for t0 in range(e0 // bs * bs, e1, tile):
+            t1 = min(t0 + tile, n)
+            packed = read_bytes(self.packed, t0 // 2, (t1 + 1) // 2)
+            absmax = self.block_absmax(t0 // bs, -(-t1 // bs))
+            values = quant.dequantize_blocks_4bit(packed, absmax, bs, self.quant_type, (t1 - t0,), self.dtype)
+            lo, hi = max(t0, e0), min(t1, e1)
+            out[lo - e0 : hi - e0] = values.reshape(-1)[lo - t0 : hi - t0]
+        return out.view(stop - start, *self.shape[1:])
 
     def block_absmax(self, b0: int, b1: int) -> torch.Tensor:
         """fp32 absmax of blocks [b0, b1), undoing double quantization over whole nested blocks."""
@@ -99,8 +103,22 @@ class Int8Rows:
     weight: TensorInfo
     scb: TensorInfo
 
-    def read_rows(self, start: int, stop: int) -> torch.Tensor:
-        return quant.dequantize_int8(read_tensor(self.weight, start, stop), read_tensor(self.scb, start, stop))
+    def read_rows(self, start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        cols = math.prod(self.weight.shape[1:])
+        out = output(buffer, (stop - start) * cols, torch.float32).view(stop - start, cols)
+        step = max(1, DEQUANT_TILE // max(1, cols))
+        for r in range(start, stop, step):
+            r1 = min(r + step, stop)
+            scb = read_tensor(self.scb, r, r1)
+            out[r - start : r1 - start] = quant.dequantize_int8(read_tensor(self.weight, r, r1), scb)
+        return out
+
+
+def output(buffer: torch.Tensor | None, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """``n`` values of ``dtype``: in the caller's reusable uint8 buffer when there is one."""
+    if buffer is None:
+        return torch.empty(n, dtype=dtype)
+    return buffer[: n * dtype.itemsize].view(dtype)
 
 
 def read_bytes(info: TensorInfo, start: int, stop: int) -> torch.Tensor:
@@ -114,7 +132,7 @@ def is_quantized(tensors: dict[str, TensorInfo]) -> bool:
     return any(BLOB in k or k.endswith(".SCB") or k.endswith(SUFFIXES_4BIT) for k in tensors)
 
 
-def group_quantized(tensors: dict[str, TensorInfo], config: dict, directory: Path) -> dict[str, TensorInfo]:
+def group_quantized(tensors: dict[str, TensorInfo], config: dict) -> dict[str, TensorInfo]:
     """Fold every quantized module's tensors into one logical tensor (``TensorInfo.quantized`` set).
 
     Every inconsistency is a ``ConvertError`` naming the file and tensor: a wrong quant state
@@ -125,37 +143,46 @@ def group_quantized(tensors: dict[str, TensorInfo], config: dict, directory: Pat
     qconfig = config.get("quantization_config") or {}
     config_dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
     int8_dtype = {v: k for k, v in TORCH_NAMES.items()}.get(str(config_dtype).removeprefix("torch."), "F32")
-    owners: dict[str, str] = {}  # companion tensor -> the weight it belongs to
-    for key in tensors:
-        if BLOB in key:
-            owners[key] = key.split(BLOB)[0]
-        elif key.endswith(SUFFIXES_4BIT):
-            owners[key] = key.rsplit(".", 1)[0]
-        elif key.endswith(".SCB"):
-            owners[key] = key[: -len("SCB")] + "weight"
-        elif key.endswith(".weight_format"):
-            owners[key] = key[: -len("_format")]
-    weights = set(owners.values())
+    parts: dict[str, dict[str, TensorInfo]] = {}  # weight -> its companion tensors, by suffix (".absmax", ...)
+    for key, info in tensors.items():
+        weight, suffix = companion_of(key)
+        if weight is not None:
+            parts.setdefault(weight, {})[suffix] = info
     if qconfig.get("load_in_4bit"):  # a packed weight whose quant state is missing entirely
-        weights |= {
-            k for k, t in tensors.items() if k.endswith(".weight") and t.shape[1:] == (1,) and len(t.shape) == 2
-        }
+        for key, info in tensors.items():
+            if key.endswith(".weight") and len(info.shape) == 2 and info.shape[1] == 1:
+                parts.setdefault(key, {})
     out: dict[str, TensorInfo] = {}
     for key, info in tensors.items():
-        if key in owners:
+        if companion_of(key)[0] is not None:
             continue
-        if key not in weights:
+        if key not in parts:
             out[key] = info
-            continue
-        if key.removesuffix(".weight") + ".SCB" in tensors or key + "_format" in tensors:
+        elif {".SCB", "_format"} & parts[key].keys():
             out[key] = _int8_tensor(key, info, tensors, int8_dtype)
         else:
-            parts = {k[len(key) :]: t for k, t in tensors.items() if owners.get(k) == key}
-            out[key] = _4bit_tensor(key, info, parts)
-    for companion, weight in owners.items():
+            out[key] = _4bit_tensor(key, info, parts[key])
+    for weight, companions in parts.items():
         if weight not in tensors:
-            raise ConvertError(f"{tensors[companion].path}: tensor '{companion}': its weight '{weight}' is missing")
+            companion = next(iter(companions.values()))
+            raise ConvertError(f"{companion.path}: tensor '{companion.name}': its weight '{weight}' is missing")
     return out
+
+
+def companion_of(key: str) -> tuple[str | None, str]:
+    """(the weight a quant-state tensor belongs to, its suffix): ``X.weight.absmax`` -> (``X.weight``,
+    ``.absmax``), ``X.SCB`` -> (``X.weight``, ``.SCB``); (None, "") for any other tensor."""
+    if BLOB in key:
+        weight = key.split(BLOB)[0]
+    elif key.endswith(SUFFIXES_4BIT):
+        weight = key.rsplit(".", 1)[0]
+    elif key.endswith(".SCB"):
+        return key[: -len("SCB")] + "weight", ".SCB"
+    elif key.endswith(".weight_format"):
+        weight = key[: -len("_format")]
+    else:
+        return None, ""
+    return weight, key[len(weight) :]
 
 
 def _int8_tensor(key: str, weight: TensorInfo, tensors: dict[str, TensorInfo], dtype: str) -> TensorInfo:
@@ -369,8 +396,10 @@ class StreamingQuantizer:
     number of blocks, see ``chunk_rows``) and writes the packed data at its planned offset at once.
     Double quantization needs the absmax of the whole tensor (its offset is their mean), so the
     fp32 absmax (n / blocksize floats) is kept until the last row arrives; then absmax, nested
-    absmax and quant state are written. Usable outside ``convert merge``: plan
-    ``serialized_tensors(...)`` in a ``ShardWriter``, then feed rows here in any order.
+    absmax and quant state are written. Rows may live on any device: the bytes are bitsandbytes'
+    on that device (the absmax stays there too, so double quantization follows the same rule).
+    Usable outside ``convert merge``: plan ``serialized_tensors(...)`` in a ``ShardWriter``, then
+    feed rows here in any order (``quantize_tensor`` does it for a tensor in memory).
     """
 
     writer: ShardWriter
@@ -390,7 +419,6 @@ class StreamingQuantizer:
         self.writer.write(self.name + ".quant_map", codes(self.spec.method))
         if self.spec.double_quant:
             self.writer.write(self.name + ".nested_quant_map", quant.DYNAMIC_CODE)
-            self._absmax = torch.empty(-(-math.prod(self.shape) // self.spec.blocksize))
         else:
             self.writer.write(
                 self.name + BLOB + self.spec.method, _bytes(quant_state_blob(self.shape, self.dtype, self.spec, None))
@@ -407,10 +435,13 @@ class StreamingQuantizer:
             assert e0 % bs == 0, "a 4-bit chunk must start on a block boundary"
             packed, absmax = quant.quantize_blocks_4bit(rows.reshape(-1), bs, self.spec.method)
             self.writer.write(self.name, packed.cpu(), e0 // 2)
-            if self._absmax is None:
+            if not self.spec.double_quant:
                 self.writer.write(self.name + ".absmax", absmax.cpu(), e0 // bs * 4)
             else:
-                self._absmax[e0 // bs : e0 // bs + len(absmax)] = absmax.cpu()
+                with self._lock:
+                    if self._absmax is None:
+                        self._absmax = torch.empty(-(-math.prod(self.shape) // bs), device=absmax.device)
+                self._absmax[e0 // bs : e0 // bs + len(absmax)] = absmax
         with self._lock:
             self._rows_left -= len(rows)
             last = self._rows_left == 0

@@ -44,7 +44,7 @@ def open_checkpoint(directory: str | Path) -> Checkpoint:
             continue
         from formats.bnb import group_quantized  # here: bnb needs convert.kernels, whose package imports this
 
-        tensors = group_quantized(loader(files, directory, index_name), config, directory)
+        tensors = group_quantized(loader(files, directory, index_name), config)
         return Checkpoint(directory, config, tensors, files)
     raise ConvertError(f"{directory}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin found")
 

@@ -167,7 +167,7 @@ def read_tensor(
     that read many chunks) or a new tensor; never an mmap, so nothing stays resident afterwards."""
     row_stop = info.rows if row_stop is None else row_stop
     if info.quantized is not None:
-        return info.quantized.read_rows(row_start, row_stop)
+        return info.quantized.read_rows(row_start, row_stop, buffer)
     if info.mapped is not None:
         rows = info.mapped[row_start:row_stop] if info.shape else info.mapped
         return rows.clone() if buffer is None else _into(buffer, rows)

@@ -10,6 +10,9 @@ CPU dequantize kernel mis-reads blocks that straddle rows (see ``test_bnb_cpu_ke
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from copy import copy
 from pathlib import Path
 
@@ -21,20 +24,26 @@ from safetensors.torch import save_file
 
 from convert import merge
 from convert.cli import main
+from convert.quantize import RECORD_PREFIX
+from formats import bnb as bnb_format
+from formats.bnb import QuantSpec, quantize_tensor, serialized_tensors
 from formats.checkpoint import open_checkpoint
-from formats.safetensors_file import read_tensor
-from tests.conftest import DTYPES, assert_equal_or_1ulp, load_output, make_adapter, peft, read_config, transformers
+from formats.safetensors_file import DTYPE_NAMES, read_tensor
+from formats.writer import ShardWriter
+from tests.conftest import (
+    DTYPES,
+    ROOT,
+    SIZES,
+    assert_equal_or_1ulp,
+    load_output,
+    make_adapter,
+    peft,
+    read_config,
+    transformers,
+)
 from tests.test_bad_input import run_failing
 
-SIZES64 = dict(
-    vocab_size=96,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    tie_word_embeddings=False,
-)
+SIZES64 = {**SIZES, "hidden_size": 64, "intermediate_size": 128, "tie_word_embeddings": False}  # rows of 64k
 BNB = {
     "nf4-dq": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
     "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
@@ -85,8 +94,9 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("kind", list(BNB))
-def test_reader_dequantizes_like_bitsandbytes(kind, models) -> None:
+def test_reader_dequantizes_like_bitsandbytes(kind, models, monkeypatch) -> None:
     """Every quantized weight reads, whole or in row chunks, as bitsandbytes dequantizes it."""
+    monkeypatch.setattr(bnb_format, "DEQUANT_TILE", 200)  # several kernel calls per read, tiles of 3 blocks
     ckpt = open_checkpoint(models[kind])
     stored = load_output(models[kind])
     assert not any(k.endswith((".absmax", ".SCB", ".weight_format")) or "quant_state" in k for k in ckpt.tensors)
@@ -103,6 +113,16 @@ def test_reader_dequantizes_like_bitsandbytes(kind, models) -> None:
         assert torch.equal(read_tensor(info), expected), name
         chunks = [read_tensor(info, r, min(r + 3, info.rows)) for r in range(0, info.rows, 3)]
         assert torch.equal(torch.cat(chunks), expected), name
+
+
+def test_int8_without_weight_format(models, tmp_path) -> None:
+    """Older transformers saved an int8 weight as weight + SCB only: read the same."""
+    state = {k: v for k, v in load_output(models["int8"]).items() if not k.endswith("weight_format")}
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text((models["int8"] / "config.json").read_text())
+    old, new = open_checkpoint(tmp_path).tensors, open_checkpoint(models["int8"]).tensors
+    assert old.keys() == new.keys() and sum(t.quantized is not None for t in old.values()) == 14
+    assert all(torch.equal(read_tensor(old[k]), read_tensor(new[k])) for k in old)
 
 
 @pytest.mark.parametrize("kind", ["nf4-dq", "fp4-dq", "int8"])
@@ -123,8 +143,8 @@ def test_merge_from_quantized_base_equals_peft_on_dequantized_model(kind, models
 
 QUANTIZE = {
     # name: (convert options, BitsAndBytesConfig of the same settings)
-    "nf4-dq": (
-        dict(quantize="nf4"),
+    "nf4-dq-sharded": (
+        dict(quantize="nf4", max_shard_size="20KB"),
         dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
     ),
     "fp4": (dict(quantize="fp4", double_quant=False), dict(load_in_4bit=True, bnb_4bit_quant_type="fp4")),
@@ -200,9 +220,10 @@ def test_quantize_command_and_skip_modules(models, tmp_path) -> None:
     """`convert quantize` (no adapter): the 4-bit checkpoint transformers makes, minus user-skipped modules."""
     out = tmp_path / "q"
     result = CliRunner().invoke(
-        main, ["quantize", "--base", str(models["base16"]), "--out", str(out), "--skip-modules", "down_proj", "-q"]
+        main, ["quantize", "--base", str(models["base16"]), "--out", str(out), "--skip-modules", "down_proj"]
     )
     assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("merged 0 tensors, copied 9, quantized 12, wrote "), result.stdout
     ours = load_output(out)
     assert ours["model.layers.0.mlp.down_proj.weight"].dtype == torch.bfloat16
     assert read_config(out)["quantization_config"]["llm_int8_skip_modules"] == ["lm_head", "down_proj"]
@@ -238,12 +259,28 @@ def test_merge_into_dequantized_is_the_qlora_model(kind, models, tmp_path) -> No
     assert len(changed) == 14 and all(n.endswith("proj.weight") for n in changed)
 
 
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_merge_into_takes_the_quantization_peft_recorded(kind, models, tmp_path) -> None:
+    """No --train-quant: the settings PEFT wrote into the adapter's README.md (older PEFT versions do,
+    in this format, from the BitsAndBytesConfig) win over the defaults (nf4 with double quant)."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(models["adapter"], adapter)
+    fields = transformers.BitsAndBytesConfig(**BNB[kind]).to_dict()
+    record = "\n".join(f"- {name}: {value}" for name, value in fields.items())
+    (adapter / "README.md").write_text(f"# adapter\n\n## Training procedure\n\n{RECORD_PREFIX}\n{record}\n\n## More\n")
+    merge(models["base16"], adapter, tmp_path / "deq", device="cpu", merge_into="dequantized")
+    reference = dequantized_merge(models[kind], adapter).state_dict()
+    for name, tensor in load_output(tmp_path / "deq").items():
+        assert_equal_or_1ulp(tensor, reference[name], name)
+
+
 @pytest.mark.parametrize("quant_type,double_quant", [("fp4", False), ("nf4", True)])
-def test_blocks_straddling_rows(quant_type, double_quant, tmp_path) -> None:
+def test_blocks_straddling_rows(quant_type, double_quant, tmp_path, monkeypatch) -> None:
     """Rows of 96 values in blocks of 64: read (whole and by rows) as bitsandbytes' flat layout dequantizes.
 
     (bitsandbytes' own CPU kernel, given the 2-D shape, gets such rows wrong: further from the
     original weights than its flat result. That is why the model fixtures use rows of 64k values.)"""
+    monkeypatch.setattr(bnb_format, "DEQUANT_TILE", 1000)
     w = torch.randn(600, 96, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     packed, state = F.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=double_quant)
     tensors = {f"m.proj.weight.{k}": v for k, v in state.as_dict(packed=True).items()}
@@ -289,3 +326,81 @@ def test_bad_quantized_checkpoint(case, models, tmp_path) -> None:
     (bad / "config.json").write_text((models[source] / "config.json").read_text())
     message = run_failing(tmp_path, bad, models["adapter"])
     assert "model.safetensors" in message and "q_proj" in message and words in message, message
+
+
+def awkward(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Random values with an all-zero stretch and one large outlier."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
+    x.view(-1)[: min(300, x.numel())] = 0.0
+    x.view(-1)[x.numel() // 2] = 300.0
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize(
+    "shape,dtype,spec",
+    [
+        ((37, 45), torch.bfloat16, QuantSpec("nf4", blocksize=64, double_quant=True)),
+        ((300, 96), torch.float16, QuantSpec("fp4", blocksize=128, double_quant=False)),
+        ((257, 64), torch.float32, QuantSpec("nf4", blocksize=32, double_quant=True, quant_storage="float32")),
+        ((33, 70), torch.bfloat16, QuantSpec("int8")),
+    ],
+)
+def test_quantize_tensor_in_chunks_equals_bitsandbytes(shape, dtype, spec, tmp_path) -> None:
+    """The streamed writer (also used by loftq-init): chunked, it gives bitsandbytes' bytes for the whole tensor."""
+    x = awkward(shape, dtype)
+    writer = ShardWriter(tmp_path, serialized_tensors("w.weight", shape, DTYPE_NAMES[dtype], spec), 1 << 30)
+    quantize_tensor(writer, "w.weight", x, spec, chunk_elements=700)
+    writer.finish()
+    ours = load_output(tmp_path)
+    if spec.method == "int8":
+        q, scb, _ = F.int8_vectorwise_quant(x.half())
+        assert torch.equal(ours["w.weight"], q) and torch.equal(ours["w.SCB"], scb)
+        return
+    storage = getattr(torch, spec.quant_storage)
+    packed, state = F.quantize_4bit(
+        x,
+        blocksize=spec.blocksize,
+        quant_type=spec.method,
+        compress_statistics=spec.double_quant,
+        quant_storage=storage,
+    )
+    expected = {f"w.weight.{k}": v for k, v in state.as_dict(packed=True).items()}
+    assert same_bytes(ours.pop("w.weight"), packed)
+    assert ours.keys() == expected.keys()
+    for name, tensor in ours.items():
+        assert (blob(tensor) == blob(expected[name])) if "quant_state" in name else same_bytes(tensor, expected[name])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the GPU machine)")
+def test_cuda_quantized_in_and_out(models, tmp_path) -> None:
+    """On the GPU: a 4-bit base merges as on the CPU (dequantization rounds once, on every device), and
+    --quantize gives bitsandbytes' CUDA bytes (the kernels' CUDA rule, checked by quant-core's torch oracle)."""
+    from convert.kernels.quant import double_quantize, quantize_blocks_4bit_torch
+
+    adapter = models["adapter"]
+    merge(models["nf4-dq"], adapter, tmp_path / "cuda", device="cuda", dtype="bf16")
+    merge(models["nf4-dq"], adapter, tmp_path / "cpu", device="cpu", dtype="bf16")
+    cpu = load_output(tmp_path / "cpu")
+    for name, tensor in load_output(tmp_path / "cuda").items():
+        assert_equal_or_1ulp(tensor, cpu[name], name)
+
+    merge(models["base16"], adapter, tmp_path / "m16", device="cuda")
+    merge(models["base16"], adapter, tmp_path / "q", device="cuda", quantize="nf4", chunk_size=4 * 64 * 3)
+    ours = load_output(tmp_path / "q")
+    for name, w in load_output(tmp_path / "m16").items():
+        if name.endswith("proj.weight"):
+            packed, absmax = quantize_blocks_4bit_torch(w.cuda(), 64, "nf4", rule="cuda")
+            qabsmax, nested, offset = double_quantize(absmax)
+            assert torch.equal(ours[name].view(-1), packed.cpu()), name
+            assert torch.equal(ours[name + ".absmax"], qabsmax.cpu()), name
+            assert torch.equal(ours[name + ".nested_absmax"], nested.cpu()), name
+            assert blob(ours[name + ".quant_state.bitsandbytes__nf4"])["nested_offset"] == offset, name
+
+
+@pytest.mark.parametrize("first", ["formats.bnb", "formats.checkpoint", "convert.plan"])
+def test_import_order(first, models) -> None:
+    """formats.bnb and the convert package import each other: any module may be imported first."""
+    code = f"import {first}\nfrom formats.checkpoint import open_checkpoint\nfrom convert import merge\n"
+    code += f"print(callable(merge), len(open_checkpoint({str(models['nf4'])!r}).tensors))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0 and result.stdout.split()[-2:] == ["True", "21"], result.stderr

@@ -1,6 +1,7 @@
 """Benchmark `convert merge` against the reference stack and the `cp` I/O floor, each as a whole process.
 
     python tools/bench_merge.py [--workdir /tmp/bench-merge] [--results tools/results/bench_merge.md]
+                                [--base-quant nf4|fp4|int8]
 
 Builds a synthetic TinyLlama-1.1B-shaped bf16 checkpoint (hidden 2048, 22 layers,
 intermediate 5632, vocab 32000, 3 shards) and an r=16 all-linear LoRA adapter,
@@ -10,6 +11,9 @@ then times, with the page cache warm and `sync` between runs:
   * transformers `from_pretrained` + PEFT `merge_and_unload` + `save_pretrained`.
 Peak RSS is each process's own (wait4). The two merged outputs are compared
 tensor by tensor at the end, so a fast wrong merge cannot pass unnoticed.
+With --base-quant, the base is also quantized by `convert quantize` (bitsandbytes
+layout) and `convert merge` from that base to bf16 is timed beside the others:
+its peak RSS against the 16-bit merge's is the figure of interest.
 Needs the test extras (transformers, peft).
 """
 
@@ -164,9 +168,16 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=ROOT / "tools" / "results" / "bench_merge.md")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each, interleaved; the median is reported")
     parser.add_argument("--device", default="cpu", help="--device for convert merge")
+    parser.add_argument("--base-quant", choices=["nf4", "fp4", "int8"], help="also merge from a quantized base")
     args = parser.parse_args()
     base, adapter = build(args.workdir)
     BASE_FILES.extend(sorted(base.iterdir()))
+    quant_base = args.workdir / f"base-{args.base_quant}"
+    if args.base_quant and not (quant_base / "config.json").exists():
+        cmd = [sys.executable, "-m", "convert.cli", "quantize", "--base", str(base), "--out", str(quant_base), "-q"]
+        subprocess.run([*cmd, "--quantize", args.base_quant], check=True, cwd=ROOT)
+    if args.base_quant:
+        BASE_FILES.extend(sorted(quant_base.iterdir()))
     outs = {k: args.workdir / k for k in ("cp", "convert", "reference")}
     convert = [sys.executable, "-m", "convert.cli", "merge", "--base", str(base), "--adapter", str(adapter)]
     conv_name = f"convert merge ({args.device})"
@@ -178,6 +189,12 @@ def main() -> None:
         ref_name: [sys.executable, "-c", REFERENCE, str(base), str(adapter), str(outs["reference"])],
     }
     run_outs = {"cp -r (I/O floor)": outs["cp"], conv_name: outs["convert"], ref_name: outs["reference"]}
+    quant_name = f"convert merge ({args.device}) from the {args.base_quant} base, bf16 out"
+    if args.base_quant:
+        outs["quant"] = args.workdir / "convert-quant"
+        runs[quant_name] = [*convert[:5], str(quant_base), *convert[6:], "--out", str(outs["quant"])]
+        runs[quant_name] += ["--device", args.device, "--dtype", "bf16"]
+        run_outs[quant_name] = outs["quant"]
     samples: dict[str, list[tuple[float, int, str]]] = {name: [] for name in runs}
     for _ in range(args.repeat):
         for name, cmd in runs.items():
@@ -205,6 +222,14 @@ def main() -> None:
         f"- convert vs cp floor: {conv_s / cp_s:.2f}x the cp time; the merge itself (its summary line, without "
         f"start-up) took {statistics.median(inner):.2f} s = {statistics.median(inner) / cp_s:.2f}x the cp time",
         f"- largest difference between the two merged outputs: {ulp} bf16 ulp",
+        *(
+            [
+                f"- merge from the {args.base_quant} base: peak RSS {results[quant_name][1] / conv_rss:.2f}x, wall "
+                f"{results[quant_name][0] / conv_s:.2f}x the 16-bit merge's"
+            ]
+            if args.base_quant
+            else []
+        ),
         "- all samples (s): "
         + "; ".join(f"{n.split(' (')[0]}: {', '.join(f'{s:.2f}' for s, _, _ in v)}" for n, v in samples.items()),
         "",
