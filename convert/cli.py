@@ -232,5 +232,53 @@ def verify_command(base, adapter, merged, sample, seed, atol, device, as_json) -
     sys.exit(0 if report["ok"] else 1)
 
 
+@main.command("loftq-init")
+@click.option("--base", required=True, metavar="DIR", help="16-bit base model directory (safetensors or .bin).")
+@click.option(
+    "--out",
+    required=True,
+    metavar="DIR",
+    help="Output: a 4-bit bitsandbytes base in DIR and the LoRA adapter in DIR/adapter.",
+)
+@click.option("--bits", type=int, default=4, show_default=True, help="Quantization bits (4; 8 is refused).")
+@click.option("--rank", type=int, default=16, show_default=True, help="LoRA rank r.")
+@click.option("--alpha", type=float, default=16, show_default=True, help="lora_alpha (scaling alpha/r).")
+@click.option("--use-rslora", is_flag=True, help="rsLoRA scaling alpha/sqrt(r), accounted for in A and B.")
+@click.option("--iters", type=int, default=5, show_default=True, help="LoftQ alternating iterations.")
+@click.option(
+    "--target-modules",
+    default="all-linear",
+    show_default=True,
+    metavar="all-linear|q_proj,v_proj,...",
+    help="Linear layers to initialize, by PEFT's name matching; the other linear layers are only quantized.",
+)
+@click.option("--quant-type", type=click.Choice(["nf4", "fp4"]), default="nf4", show_default=True)
+@click.option("--double-quant", is_flag=True, help="Quantize the absmax statistics too (bnb_4bit_use_double_quant).")
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N")
+@click.option(
+    "--svd",
+    type=click.Choice(["randomized", "exact"]),
+    default="randomized",
+    show_default=True,
+    help="Truncated SVD of each residual: randomized (fast) or a full SVD as PEFT.",
+)
+@click.option("--save-dequantized", is_flag=True, help="Also write the 16-bit dequantized Q base to DIR/dequantized.")
+@click.option("--max-shard-size", default="5GB", show_default=True, metavar="SIZE")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
+def loftq_init_command(base, out, target_modules, quiet, **options) -> None:
+    """Quantize a base to 4 bits and initialize a LoRA adapter with LoftQ, streamed, on the GPU if present."""
+    from convert.loftq_init import loftq_init
+
+    targets = target_modules if target_modules == "all-linear" else [t for t in target_modules.split(",") if t]
+    try:
+        result = loftq_init(base, out, target_modules=targets, quiet=quiet, **options)
+    except ConvertError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    if not quiet:
+        click.echo(result.summary())
+
+
 if __name__ == "__main__":
     main()
