@@ -67,16 +67,11 @@ def quantization_options(command):
     return command
 
 
-def resume_options(command):
-    """Options of every command that writes through a locked partial directory (``convert.output_dir``)."""
-    command = click.option(
-        "--allow-nonfinite", is_flag=True, help="Merge an adapter holding NaN/Inf values, with a warning, not an error."
-    )(command)
-    return click.option(
-        "--resume",
-        is_flag=True,
-        help="Continue the interrupted run of this same command on OUT, keeping the shards it finished.",
-    )(command)
+resume_option = click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the interrupted run of this same command on OUT, keeping the shards it finished.",
+)
 
 
 @main.command("merge")
@@ -146,7 +141,10 @@ def resume_options(command):
     help="Quantization the adapter was trained through, for --merge-into dequantized (with --blocksize and "
     "--double-quant). Default: the config PEFT recorded in the adapter's README.md, else nf4.",
 )
-@resume_options
+@resume_option
+@click.option(
+    "--allow-nonfinite", is_flag=True, help="Merge an adapter holding NaN/Inf values, with a warning, not an error."
+)
 @hub_options
 def merge_command(base, adapter, out, dtype, device, max_shard_size, chunk_size, overwrite, quiet, **options) -> None:
     """Merge a LoRA adapter into its base model, as PEFT's merge_and_unload would."""
@@ -183,7 +181,7 @@ def run_merge(base, adapter, out, dtype, device, max_shard_size, chunk_size, ove
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
 @quantization_options
-@resume_options
+@resume_option
 @hub_options
 def quantize_command(base, out, device, max_shard_size, overwrite, quiet, quantize, **options) -> None:
     """Write a bitsandbytes-quantized checkpoint of a model (merge --quantize without an adapter)."""
@@ -266,6 +264,8 @@ def verify_command(base, adapter, merged, sample, seed, atol, device, as_json) -
 @click.option("--max-shard-size", default="5GB", show_default=True, metavar="SIZE")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
+@resume_option
+@hub_options
 def loftq_init_command(base, out, target_modules, quiet, **options) -> None:
     """Quantize a base to 4 bits and initialize a LoRA adapter with LoftQ, streamed, on the GPU if present."""
     from convert.loftq_init import loftq_init

@@ -14,10 +14,10 @@ bit for bit as LoftQ used it, so ``Q + scaling * B @ A`` is the approximation.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
-import shutil
 import sys
 import time
 from collections import Counter, deque
@@ -31,11 +31,14 @@ from tqdm import tqdm
 from convert.kernels import quant
 from convert.kernels.quant import Quantized4bit, dequantize_4bit, quantize_4bit
 from convert.loftq import SVD_METHODS, loftq_matrix, lora_scaling
-from convert.merge import check_paths, human_bytes, pick_device, publish, version
+from convert.merge import check_paths, human_bytes, input_files, pick_device, version
+from convert.output_dir import each, fault_point, fingerprint, open_stage
+from convert.push import HubTarget, Upload
 from formats import bnb
 from formats.checkpoint import Checkpoint, open_checkpoint
 from formats.errors import ConvertError
-from formats.hf_files import copy_side_files, write_config
+from formats.hf_files import copy_side_files, write_config, write_model_card
+from formats.hub import open_hub_model, parse_repo_id
 from formats.safetensors_file import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, TensorInfo, read_tensor
 from formats.writer import PlannedTensor, ShardWriter, parse_size
 
@@ -106,99 +109,137 @@ def loftq_init(
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
     quiet: bool = True,
+    resume: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+    keep_downloads: bool = True,
+    push_to_hub: HubTarget | None = None,
 ) -> LoftQInitResult:
     """Write ``out/`` (4-bit base) and ``out/adapter/`` (LoRA adapter); the CLI's ``convert loftq-init``.
 
     With ``save_dequantized`` also ``out/dequantized/``: the base with every quantized
     weight replaced by its dequantized 16-bit ``Q``, for users who quantize at load time
     (as the LoftQ authors publish their models). Raises ``ConvertError`` for bad input;
-    ``out`` is then left untouched.
+    ``out`` is then left untouched. The output is staged as ``merge``'s is (``convert.output_dir``):
+    locked, journaled, fsynced and renamed when complete; ``resume`` keeps the finished base shards of
+    an interrupted run (LoftQ is deterministic, so the factors are recomputed to the same bits).
+    ``base`` may be a Hub repo id (``revision``, ``token``, ``keep_downloads`` as for ``merge``). With
+    ``push_to_hub`` the base shards are uploaded as they are finished and everything (base at the
+    repo's root, the adapter in ``adapter/``) is committed at once at the end.
     """
     started = time.perf_counter()
-    base, out = Path(base), Path(out)
+    out = Path(out)
     settings = check_settings(bits, rank, alpha, iters, quant_type, svd, use_rslora, double_quant)
-    check_paths([base], out, overwrite)
+    base_repo = parse_repo_id(base)
+    check_paths([] if base_repo else [Path(base)], out, overwrite)
     try:
         shard_bytes = parse_size(max_shard_size)
     except ValueError as e:
         raise ConvertError(f"--max-shard-size: {e}") from None
     torch_device = pick_device(device)
-    ckpt = open_checkpoint(base)
-    if not ckpt.config:
-        raise ConvertError(f"{base / 'config.json'}: missing (not a Hugging Face model directory)")
-    if ckpt.config.get("model_type") in CONV1D_MODELS:
-        raise ConvertError(
-            f"{base / 'config.json'}: model_type {ckpt.config['model_type']!r} (Conv1D layers) "
-            "is not supported by loftq-init"
-        )
-    plan = build_plan(ckpt, select_targets(linear_weights(ckpt), target_modules, ckpt), settings)
-
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "adapter").mkdir(parents=True)
-    writers: list[ShardWriter] = []
+    hub = open_hub_model(str(base), revision, token, keep_downloads) if base_repo else None
+    base = hub.directory if hub else Path(base)
     try:
-        base_writer = ShardWriter(tmp, plan.base, shard_bytes)
-        adapter_writer = ShardWriter(tmp / "adapter", plan.adapter, 1 << 62)
-        writers += [base_writer, adapter_writer]
-        deq_writer = None
+        ckpt = hub.checkpoint if hub else open_checkpoint(base)
+        if not ckpt.config:
+            raise ConvertError(f"{base / 'config.json'}: missing (not a Hugging Face model directory)")
+        if ckpt.config.get("model_type") in CONV1D_MODELS:
+            raise ConvertError(
+                f"{base / 'config.json'}: model_type {ckpt.config['model_type']!r} (Conv1D layers) "
+                "is not supported by loftq-init"
+            )
+        plan = build_plan(ckpt, select_targets(linear_weights(ckpt), target_modules, ckpt), settings)
+
+        options = {**dataclasses.asdict(settings), "target_modules": target_modules, "device": torch_device.type}
+        options |= {"save_dequantized": save_dequantized, "max_shard_size": shard_bytes}
+        needed = sum(t.nbytes for t in plan.base + plan.adapter)
         if save_dequantized:
-            (tmp / "dequantized").mkdir()
-            deq_plan = [PlannedTensor(t.name, t.dtype, t.shape) for t in plan.order]
-            deq_writer = ShardWriter(tmp / "dequantized", deq_plan, shard_bytes)
-            writers.append(deq_writer)
-        show = not quiet and sys.stderr.isatty()
-        errors: list[tuple[float, float]] = []
-        with tqdm(total=len(plan.order), unit="tensor", disable=not show, desc="loftq-init") as bar:
-            for info, weight in stream(plan.order, plan.roles):
-                role = plan.roles[info.name]
-                if role == "copy":
-                    for w in (base_writer, deq_writer):
-                        if w is not None:
-                            w.copy(info.name, info) if info.mapped is None else w.write(info.name, read_tensor(info))
-                else:
-                    result = process_linear(info, weight, role, settings, torch_device)
-                    q = result["q"]
-                    write_4bit(base_writer, info.name, q, settings.spec)
-                    if role == "loftq":
-                        a, b = adapter_names(plan.targets[info.name])
-                        adapter_writer.write(a, result["A"].cpu())
-                        adapter_writer.write(b, result["B"].cpu())
-                        errors.append((result["error"], result["quant_error"]))
-                    if deq_writer is not None:
-                        deq_writer.write(info.name, dequantize_4bit(q, DTYPES[info.dtype]).cpu())
-                bar.update(1)
-        base_writer.finish()
-        adapter_files = adapter_writer.finish()
-        os.rename(tmp / "adapter" / adapter_files[0], tmp / "adapter" / ADAPTER_WEIGHTS)
-        quant_config = bnb.quantization_config(settings.spec, plan.dtype)
-        write_config(ckpt.config, tmp, plan.dtype, {"quantization_config": quant_config})
-        copy_side_files([base], tmp)
-        if deq_writer is not None:
-            deq_writer.finish()
-            write_config(ckpt.config, tmp / "dequantized", plan.dtype, {})
-            copy_side_files([base], tmp / "dequantized")
-        write_adapter_config(tmp / "adapter", out, settings, sorted(plan.targets.values()), target_modules)
-        mean_error = sum(e for e, _ in errors) / max(1, len(errors))
-        mean_quant = sum(q for _, q in errors) / max(1, len(errors))
-        write_adapter_card(tmp / "adapter", base, settings, len(errors), mean_error, mean_quant)
-        publish(tmp, out)
-    except BaseException:
-        for w in writers:
-            w.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return LoftQInitResult(
-        out=out,
-        initialized=len(plan.targets),
-        quantized=sum(r == "quant" for r in plan.roles.values()),
-        copied=sum(r == "copy" for r in plan.roles.values()),
-        mean_error=mean_error,
-        mean_quant_error=mean_quant,
-        bytes_written=sum(f.stat().st_size for f in out.rglob("*") if f.is_file()),
-        seconds=time.perf_counter() - started,
-        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-    )
+            needed += sum(t.nbytes for t in plan.order)
+        fp = fingerprint("loftq-init", options, input_files(ckpt, None))
+        stage = open_stage(out, fp, resume=resume, overwrite=overwrite, needed_bytes=needed)
+        tmp = stage.dir
+        writers: list[ShardWriter] = []
+        upload = None
+        try:
+            upload = Upload(push_to_hub, tmp, token) if push_to_hub else None
+
+            (tmp / "adapter").mkdir(parents=True, exist_ok=True)
+            on_shard = each(stage.shard_done, upload and upload.file_done)
+            base_writer = ShardWriter(tmp, plan.base, shard_bytes, on_shard, done=stage.done)
+            adapter_writer = ShardWriter(tmp / "adapter", plan.adapter, 1 << 62)
+            writers += [base_writer, adapter_writer]
+            deq_writer = None
+            if save_dequantized:
+                (tmp / "dequantized").mkdir(exist_ok=True)
+                deq_plan = [PlannedTensor(t.name, t.dtype, t.shape) for t in plan.order]
+                deq_writer = ShardWriter(tmp / "dequantized", deq_plan, shard_bytes)
+                writers.append(deq_writer)
+            show = not quiet and sys.stderr.isatty()
+            errors: list[tuple[float, float]] = []
+            with tqdm(total=len(plan.order), unit="tensor", disable=not show, desc="loftq-init") as bar:
+                parts = hub.stages(plan.order) if hub else [plan.order]  # Hub: one base shard at a time
+                for info, weight in (pair for part in parts for pair in stream(part, plan.roles)):
+                    role = plan.roles[info.name]
+                    if role == "copy":
+                        for w in (base_writer, deq_writer):
+                            if w is not None:
+                                copy_tensor(w, info)
+                    else:
+                        result = process_linear(info, weight, role, settings, torch_device)
+                        q = result["q"]
+                        write_4bit(base_writer, info.name, q, settings.spec)
+                        if role == "loftq":
+                            a, b = adapter_names(plan.targets[info.name])
+                            adapter_writer.write(a, result["A"].cpu())
+                            adapter_writer.write(b, result["B"].cpu())
+                            errors.append((result["error"], result["quant_error"]))
+                        if deq_writer is not None:
+                            deq_writer.write(info.name, dequantize_4bit(q, DTYPES[info.dtype]).cpu())
+                    bar.update(1)
+                    fault_point("job")
+            base_writer.finish()
+            adapter_files = adapter_writer.finish()
+            os.rename(tmp / "adapter" / adapter_files[0], tmp / "adapter" / ADAPTER_WEIGHTS)
+            quant_config = bnb.quantization_config(settings.spec, plan.dtype)
+            write_config(ckpt.config, tmp, plan.dtype, {"quantization_config": quant_config})
+            copy_side_files([base], tmp)
+            if deq_writer is not None:
+                deq_writer.finish()
+                write_config(ckpt.config, tmp / "dequantized", plan.dtype, {})
+                copy_side_files([base], tmp / "dequantized")
+            base_id = push_to_hub.repo_id if push_to_hub else str(out.resolve())  # where the 4-bit base will be
+            write_adapter_config(tmp / "adapter", base_id, settings, sorted(plan.targets.values()), target_modules)
+            mean_error = sum(e for e, _ in errors) / max(1, len(errors))
+            mean_quant = sum(q for _, q in errors) / max(1, len(errors))
+            card_base = hub.repo_id if hub else base.resolve().name
+            write_adapter_card(tmp / "adapter", card_base, settings, len(errors), mean_error, mean_quant)
+            settings_card = {"LoftQ": f"r {rank}, alpha {alpha}, {iters} iterations, {svd} SVD"}
+            write_model_card(tmp, card_base, None, {**settings_card, "ckpt-convert": version()}, "quantized")
+            if upload is not None:
+                names = [str(f.relative_to(tmp)) for f in sorted(tmp.rglob("*")) if f.is_file()]
+                upload.commit(names, "Upload LoftQ-initialized 4-bit base and adapter written by ckpt-convert")
+            stage.publish()
+        except BaseException as e:
+            for w in writers:
+                w.close()
+            if upload is not None:
+                upload.abort()
+            stage.abort(e)
+            raise
+        return LoftQInitResult(
+            out=out,
+            initialized=len(plan.targets),
+            quantized=sum(r == "quant" for r in plan.roles.values()),
+            copied=sum(r == "copy" for r in plan.roles.values()),
+            mean_error=mean_error,
+            mean_quant_error=mean_quant,
+            bytes_written=sum(f.stat().st_size for f in out.rglob("*") if f.is_file()),
+            seconds=time.perf_counter() - started,
+            peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        )
+    finally:
+        if hub is not None:
+            hub.close()
 
 
 @dataclass
@@ -327,6 +368,14 @@ def process_linear(info: TensorInfo, weight: torch.Tensor, role: str, settings: 
     }
 
 
+def copy_tensor(writer: ShardWriter, info: TensorInfo) -> None:
+    """An untouched tensor: file to file, or from the mapped ``.bin`` tensor."""
+    if info.mapped is None:
+        writer.copy(info.name, info)
+    else:
+        writer.write(info.name, read_tensor(info))
+
+
 def write_4bit(writer: ShardWriter, name: str, q: Quantized4bit, spec: bnb.QuantSpec) -> None:
     """Write an already quantized weight into the tensors ``bnb.serialized_tensors`` planned for it.
 
@@ -343,7 +392,7 @@ def write_4bit(writer: ShardWriter, name: str, q: Quantized4bit, spec: bnb.Quant
 
 
 def write_adapter_config(
-    adapter_dir: Path, out: Path, settings: Settings, modules: list[str], spec: str | list[str]
+    adapter_dir: Path, base_id: str, settings: Settings, modules: list[str], spec: str | list[str]
 ) -> None:
     """A PEFT LoRA adapter_config.json for the computed factors.
 
@@ -358,7 +407,7 @@ def write_adapter_config(
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": str(out.resolve()),
+        "base_model_name_or_path": base_id,
         "r": settings.rank,
         "lora_alpha": int(settings.alpha) if float(settings.alpha).is_integer() else settings.alpha,
         "use_rslora": settings.use_rslora,
@@ -375,7 +424,7 @@ def write_adapter_config(
 
 
 def write_adapter_card(
-    adapter_dir: Path, base: Path, settings: Settings, count: int, error: float, quant_error: float
+    adapter_dir: Path, base: str, settings: Settings, count: int, error: float, quant_error: float
 ) -> None:
     lines = [
         "---",
@@ -387,7 +436,7 @@ def write_adapter_card(
         "",
         "# LoftQ-initialized LoRA adapter",
         "",
-        f"LoRA factors initialized with LoftQ by ckpt-convert (`convert loftq-init`) from `{base.resolve().name}`,",
+        f"LoRA factors initialized with LoftQ by ckpt-convert (`convert loftq-init`) from `{base}`,",
         "for the 4-bit base in the parent directory: for every target weight W, `Q + scaling * B @ A`",
         "approximates W, where Q is the stored 4-bit weight.",
         "",

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from convert.gpu_pipeline import cuda_devices, run_plan_gpu
-from convert.output_dir import fault_point, fingerprint, open_stage
+from convert.output_dir import each, fault_point, fingerprint, open_stage
 from convert.pipeline import DEFAULT_CHUNK_BYTES, run_plan
 from convert.plan import build_plan
 from convert.push import HubTarget, Upload
@@ -151,13 +151,8 @@ def merge(
     writer = upload = None
     try:
         upload = Upload(push_to_hub, tmp, token) if push_to_hub else None
-
-        def shard_done(name: str) -> None:
-            stage.shard_done(name)
-            if upload is not None:
-                upload.file_done(name)
-
-        writer = ShardWriter(tmp, planned, shard_bytes, shard_done, done=stage.done)
+        on_shard = each(stage.shard_done, upload and upload.file_done)
+        writer = ShardWriter(tmp, planned, shard_bytes, on_shard, done=stage.done)
         # Resumed: tensors whose every serialized part lies in a finished shard stay as they are.
         todo = [t for t in plan.tensors if not all(p.name in writer.kept_tensors for p in t.serialized)]
         total = sum(t.planned.nbytes for t in todo)

@@ -50,6 +50,7 @@ import signal
 import struct
 import sys
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,7 +221,7 @@ class Stage:
     def publish(self) -> None:
         """fsync everything, then move the model to ``out`` in one rename (swapping out an old output)."""
         self.wait()
-        for path in self.dir.iterdir():
+        for path in sorted(self.dir.rglob("*"), reverse=True):  # files before the directories naming them
             fsync_path(path)
         fsync_path(self.dir)
         fault_point("before-rename")
@@ -258,6 +259,17 @@ class Stage:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+def each(*callbacks: Callable[[str], None] | None) -> Callable[[str], None]:
+    """One shard-done callback calling every given one in order (the journal first, then e.g. a Hub upload)."""
+    live = [c for c in callbacks if c is not None]
+
+    def call(name: str) -> None:
+        for callback in live:
+            callback(name)
+
+    return call
 
 
 def write_failed(error: OSError, out: Path, partial: Path) -> str:
@@ -378,7 +390,7 @@ def _open_stage(stage: Stage, resume: bool, overwrite: bool, needed_bytes: int |
             check_free_space(partial, max(0, needed_bytes - sum(r["size"] for r in done.values())), f"the output {out}")
         for path in stage.dir.iterdir():
             if path.name not in done:
-                path.unlink()
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         stage.fingerprint, stage.done = old, done
         return
     for path in partial.iterdir():  # empty, stale, or discarded with --overwrite

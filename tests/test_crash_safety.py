@@ -299,3 +299,46 @@ def test_injected_enospc_then_resume(inputs, tmp_path, monkeypatch):
     monkeypatch.undo()
     assert invoke(*merge_args(base, adapter, out, "--resume")).exit_code == 0
     assert digest(out) == reference
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in path.rglob("*") if p.is_file()
+    }
+
+
+@pytest.mark.parametrize("fault", ["job:5", "after-shard:2", "before-rename"])
+def test_loftq_init_kill_then_resume_is_byte_identical(fault, tmp_path):
+    """loftq-init stages its output like merge: a kill leaves no finished model; --resume gives the same bytes."""
+    from tests.test_loftq_init import make_base as make_wide_base  # 64-wide rows: whole 4-bit blocks
+
+    base = make_wide_base(tmp_path / "base", "llama", "bf16")
+    args = ["loftq-init", "--base", str(base), "--rank", "2", "--iters", "2", "--max-shard-size", "12KB"]
+    args += ["--device", "cpu", "--save-dequantized", "-q"]
+    assert invoke(*args, "--out", str(tmp_path / "reference")).exit_code == 0
+    reference = tree_digest(tmp_path / "reference")
+    assert sum(n.endswith(".safetensors") and "/" not in n for n in reference) >= 3
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "convert.cli", *args, "--out", str(out)],
+        cwd=ROOT,
+        env={**os.environ, "CONVERT_FAULT": fault},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == -9, (fault, proc.returncode, proc.stderr)
+    assert_no_finished_model(out)
+    refused = invoke(*args, "--out", str(out))
+    assert refused.exit_code == 2 and "--resume" in refused.stderr
+    resumed = invoke(*args, "--out", str(out), "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert not partial_path(out).exists()
+    config = "adapter/adapter_config.json"  # names the output directory itself (base_model_name_or_path)
+    assert {k: v for k, v in tree_digest(out).items() if k != config} == {
+        k: v for k, v in reference.items() if k != config
+    }
+    configs = [json.loads((d / config).read_text()) for d in (out, tmp_path / "reference")]
+    assert [{**c, "base_model_name_or_path": None} for c in configs] == [
+        {**configs[1], "base_model_name_or_path": None}
+    ] * 2

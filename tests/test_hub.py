@@ -310,3 +310,30 @@ def test_inspect_repo_ids_reads_headers_only(models, hub, tmp_path):
         **json.loads(CliRunner().invoke(main, ["inspect", "--json", str(adapter)]).stdout),
         "path": info["path"],
     }
+
+
+def test_loftq_init_from_a_repo_id_pushes_base_and_adapter(models, hub, tmp_path):
+    """loftq-init reads a Hub base shard by shard and pushes the 4-bit base with its adapter in one commit."""
+    from tests.test_loftq_init import make_base as make_wide_base  # 64-wide rows: whole 4-bit blocks
+
+    wide = make_wide_base(tmp_path / "wide", "llama", "bf16")
+    hub.add_repo("org/wide", {p.name: p.read_bytes() for p in wide.iterdir() if p.is_file()})
+    common = ["--rank", "2", "--iters", "1", "--device", "cpu", "--max-shard-size", SHARD, "-q"]
+    local = CliRunner().invoke(main, ["loftq-init", "--base", str(wide), "--out", str(tmp_path / "local"), *common])
+    assert local.exit_code == 0, local.output
+    pushed = CliRunner().invoke(
+        main,
+        ["loftq-init", "--base", "org/wide", "--out", str(tmp_path / "remote"), *common]
+        + ["--push-to-hub", "alice/wide-loftq", "--token", TOKEN],
+    )
+    assert pushed.exit_code == 0, (pushed.output, pushed.exception)
+    named = {"README.md", "adapter/README.md", "adapter/adapter_config.json"}  # they name the base and its repo
+    expected = {k: v for k, v in tree(tmp_path / "local").items() if k not in named}
+    assert {k: v for k, v in tree(tmp_path / "remote").items() if k not in named} == expected
+    config = json.loads((tmp_path / "remote" / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "alice/wide-loftq"
+    assert "adapter/adapter_model.safetensors" in expected and "model.safetensors.index.json" in expected
+    on_hub = hub.files("alice/wide-loftq")
+    assert {k: v for k, v in on_hub.items() if k in expected} == expected
+    assert set(on_hub) - set(expected) == named | {".gitattributes"}
+    assert len(hub.requests("POST", "/alice/wide-loftq/commit/")) == 1
