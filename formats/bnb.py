@@ -377,7 +377,7 @@ def serialized_tensors(name: str, shape: tuple[int, ...], dtype: str, spec: Quan
     return [*tensors, PlannedTensor(name + BLOB + spec.method, "U8", (len(blob),))]
 
 
-def quant_state_blob(shape: tuple[int, ...], dtype: str, spec: QuantSpec, offset: float | None) -> bytes:
+def quant_state_blob(shape: tuple[int, ...], dtype: str, spec: QuantSpec, offset: float | torch.Tensor | None) -> bytes:
     """``pack_dict_to_tensor`` of ``QuantState.as_dict``'s non-tensor items, padded to a length fixed in advance."""
     state: dict = {
         "quant_type": spec.method,
@@ -387,6 +387,7 @@ def quant_state_blob(shape: tuple[int, ...], dtype: str, spec: QuantSpec, offset
     }
     if not spec.double_quant:
         return json.dumps(state).encode()
+    offset = None if offset is None else float(offset)  # a device tensor when quantized on CUDA
     state.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=offset)
     size = len(json.dumps({**state, "nested_offset": 0.0}).encode()) - len("0.0") + MAX_FLOAT_REPR
     return json.dumps(state).encode().ljust(size) if offset is not None else b" " * size

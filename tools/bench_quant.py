@@ -49,7 +49,8 @@ def check(x: torch.Tensor, double_quant: bool, F) -> tuple[Q.Quantized4bit, tupl
         problems.append(f"packed: {(q.packed != packed).sum().item()} bytes differ")
     if not same_bits(q.absmax, state.absmax):
         problems.append(f"absmax: {(q.absmax != state.absmax).sum().item()} differ")
-    if double_quant and not (same_bits(q.nested_absmax, state.state2.absmax) and q.offset == state.offset.item()):
+    same_offset = double_quant and float(q.offset) == state.offset.item()
+    if double_quant and not (same_bits(q.nested_absmax, state.state2.absmax) and same_offset):
         problems.append("nested absmax / offset differ")
     if not same_bits(Q.dequantize_4bit(q), F.dequantize_4bit(packed, state)):
         problems.append("dequantized values differ")

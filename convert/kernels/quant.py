@@ -121,7 +121,9 @@ class Quantized4bit:
     shape: tuple[int, ...]
     dtype: torch.dtype
     nested_absmax: torch.Tensor | None = None  # float32 (ceil(n_blocks / 256),) with double quant
-    offset: float | None = None  # absmax mean subtracted before double quant
+    # absmax mean subtracted before double quant: a 0-d tensor on the device when quantized on CUDA (reading it
+    # back would stall the stream: ``float(q.offset)`` where a number is needed), a float otherwise
+    offset: float | torch.Tensor | None = None
 
 
 def code_for(quant_type: str) -> torch.Tensor:
@@ -327,7 +329,7 @@ def _dynamic_cuda(scaled: torch.Tensor) -> torch.Tensor:
 
 
 def undo_double_quant(
-    qabsmax: torch.Tensor, nested_absmax: torch.Tensor, offset: float, code: torch.Tensor | None = None
+    qabsmax: torch.Tensor, nested_absmax: torch.Tensor, offset: float | torch.Tensor, code: torch.Tensor | None = None
 ) -> torch.Tensor:
     """fp32 absmax back from double quant: ``code[q] * nested_absmax + offset`` (bitsandbytes' order of ops).
 
@@ -338,7 +340,7 @@ def undo_double_quant(
     values = code[qabsmax.reshape(-1).long()]
     values = torch.nn.functional.pad(values, (0, -n % NESTED_BLOCKSIZE)).view(-1, NESTED_BLOCKSIZE)
     absmax = (values * nested_absmax.float().unsqueeze(1)).view(-1)[:n]
-    return absmax + torch.tensor(offset, dtype=torch.float32, device=absmax.device)
+    return absmax + torch.as_tensor(offset, dtype=torch.float32, device=absmax.device)
 
 
 # ------------------------------------------------------------------------------------------- whole tensors
@@ -350,7 +352,11 @@ def quantize_4bit(
     """``bitsandbytes.functional.quantize_4bit(x, blocksize, compress_statistics=double_quant, quant_type)``."""
     packed, absmax = quantize_blocks_4bit(x, blocksize, quant_type)
     q = Quantized4bit(packed.view(-1, 1), absmax, blocksize, quant_type, tuple(x.shape), x.dtype)
-    if double_quant:
+    if double_quant and absmax.is_cuda:  # the offset stays on the device: no host sync in the middle of a stream
+        from convert.kernels import quant_triton
+
+        q.absmax, q.nested_absmax, q.offset = quant_triton.double_quantize(absmax)
+    elif double_quant:
         q.absmax, q.nested_absmax, q.offset = double_quantize(absmax)
     return q
 

@@ -26,7 +26,9 @@ N0, N1, N2, N3, N4, N5, N6, N7, N8, N9, N10, N11, N12, N13, N14 = (tl.constexpr(
 F0, F1, F2, F3, F4, F5, F6 = (tl.constexpr(t) for t in quant.FP4_CUDA_THRESHOLDS)
 # Tile shapes, the fastest of tools/bench_quant.py --tune on an H100 (tools/results/bench_quant.md).
 ELEMENTS_PER_PROGRAM = 4096
-QUANTIZE_WARPS = 16
+QUANTIZE_WARPS = 16  # large matrices; below LARGE elements 8 warps measured faster (more programs in flight per SM)
+QUANTIZE_WARPS_SMALL = 8
+LARGE = 32 << 20
 DEQUANTIZE_WARPS = 8
 
 
@@ -134,14 +136,14 @@ def quantize_4bit(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[tor
         blocks = _blocks_per_program(blocksize)
         _quantize_4bit_kernel[(triton.cdiv(n_blocks, blocks),)](
             x, packed, absmax, n, BLOCKSIZE=blocksize, BLOCKS=blocks, NF4=quant_type == "nf4", APPROX=x.is_cuda,
-            num_warps=QUANTIZE_WARPS,
+            num_warps=QUANTIZE_WARPS if n >= LARGE else QUANTIZE_WARPS_SMALL,
         )  # fmt: skip
     return packed, absmax
 
 
 @triton.jit
 def _dequantize_4bit_kernel(
-    packed_ptr, code_ptr, absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset, out_ptr, n,
+    packed_ptr, code_ptr, absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, out_ptr, n,
     BLOCKSIZE: tl.constexpr, BLOCKS: tl.constexpr, NESTED: tl.constexpr,
 ):  # fmt: skip
     """One program: a [BLOCKS, BLOCKSIZE // 2] tile of packed bytes -> ``code[q] * absmax``, rounded once to the
@@ -156,7 +158,7 @@ def _dequantize_4bit_kernel(
     if NESTED:
         q = tl.load(absmax_ptr + rows, mask=row_mask, other=0).to(tl.int32)
         absmax = tl.load(nested_code_ptr + q) * tl.load(nested_absmax_ptr + rows // 256, mask=row_mask, other=0.0)
-        absmax = absmax + offset
+        absmax = absmax + tl.load(offset_ptr)
     else:
         absmax = tl.load(absmax_ptr + rows, mask=row_mask, other=0.0)
     byte_offsets = rows[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
@@ -175,19 +177,22 @@ def dequantize_4bit(
     quant_type: str,
     n: int,
     dtype: torch.dtype,
-    nested: tuple[torch.Tensor, float] | None = None,
+    nested: tuple[torch.Tensor, float | torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Flat ``n`` values of ``dtype``; ``absmax`` is fp32, or uint8 with ``nested = (nested_absmax, offset)``."""
+    """Flat ``n`` values of ``dtype``; ``absmax`` is fp32, or uint8 with ``nested = (nested_absmax, offset)``.
+
+    The offset is read by the kernel from device memory, so a 0-d device tensor needs no host round trip."""
     out = torch.empty(n, dtype=_store_dtype(dtype, packed), device=packed.device)
     if not n:
         return out.to(dtype)
     code = _table(quant_type, packed.device)
-    nested_absmax, offset = nested if nested is not None else (absmax, 0.0)
+    nested_absmax, offset = nested if nested is not None else (absmax, absmax)  # (unused pointers without nesting)
+    offset = torch.as_tensor(offset, dtype=torch.float32, device=packed.device).reshape(-1)
     blocks = _blocks_per_program(blocksize)
     options = {"enable_fp_fusion": False} if packed.is_cuda else {}
     _dequantize_4bit_kernel[(triton.cdiv(triton.cdiv(n, blocksize), blocks),)](
         packed.contiguous(), code, absmax.contiguous(), _table("dynamic", packed.device), nested_absmax.contiguous(),
-        float(offset), out, n,
+        offset, out, n,
         BLOCKSIZE=blocksize, BLOCKS=blocks, NESTED=nested is not None, num_warps=DEQUANTIZE_WARPS, **options,
     )  # fmt: skip
     return out.to(dtype)
