@@ -378,8 +378,8 @@ def test_quantize_tensor_in_chunks_equals_bitsandbytes(shape, dtype, spec, tmp_p
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the GPU machine)")
 def test_cuda_quantized_in_and_out(models, tmp_path) -> None:
     """On the GPU: a 4-bit base merges as on the CPU (dequantization rounds once, on every device), and
-    --quantize gives bitsandbytes' CUDA bytes (the kernels' CUDA rule, checked by quant-core's torch oracle)."""
-    from convert.kernels.quant import double_quantize, quantize_blocks_4bit_torch
+    --quantize gives the bytes of bitsandbytes' own CUDA ``quantize_4bit`` of the merged weights."""
+    import bitsandbytes.functional as F
 
     adapter = models["adapter"]
     merge(models["nf4-dq"], adapter, tmp_path / "cuda", device="cuda", dtype="bf16")
@@ -391,14 +391,16 @@ def test_cuda_quantized_in_and_out(models, tmp_path) -> None:
     merge(models["base16"], adapter, tmp_path / "m16", device="cuda")
     merge(models["base16"], adapter, tmp_path / "q", device="cuda", quantize="nf4", chunk_size=4 * 64 * 3)
     ours = load_output(tmp_path / "q")
+    checked = 0
     for name, w in load_output(tmp_path / "m16").items():
         if name.endswith("proj.weight"):
-            packed, absmax = quantize_blocks_4bit_torch(w.cuda(), 64, "nf4", rule="cuda")
-            qabsmax, nested, offset = double_quantize(absmax)
-            assert torch.equal(ours[name].view(-1), packed.cpu()), name
-            assert torch.equal(ours[name + ".absmax"], qabsmax.cpu()), name
-            assert torch.equal(ours[name + ".nested_absmax"], nested.cpu()), name
-            assert blob(ours[name + ".quant_state.bitsandbytes__nf4"])["nested_offset"] == offset, name
+            packed, state = F.quantize_4bit(w.cuda(), blocksize=64, quant_type="nf4", compress_statistics=True)
+            assert torch.equal(ours[name].view(-1), packed.cpu().view(-1)), name
+            assert torch.equal(ours[name + ".absmax"], state.absmax.cpu()), name
+            assert torch.equal(ours[name + ".nested_absmax"], state.state2.absmax.cpu()), name
+            assert blob(ours[name + ".quant_state.bitsandbytes__nf4"])["nested_offset"] == state.offset.item(), name
+            checked += 1
+    assert checked == 14
 
 
 @pytest.mark.parametrize("first", ["formats.bnb", "formats.checkpoint", "convert.plan"])
