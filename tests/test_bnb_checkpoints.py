@@ -378,7 +378,9 @@ def test_quantize_tensor_in_chunks_equals_bitsandbytes(shape, dtype, spec, tmp_p
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the GPU machine)")
 def test_cuda_quantized_in_and_out(models, tmp_path) -> None:
     """On the GPU: a 4-bit base merges as on the CPU (dequantization rounds once, on every device), and
-    --quantize gives the bytes of bitsandbytes' own CUDA ``quantize_4bit`` of the merged weights."""
+    --quantize gives the bytes of bitsandbytes' ``quantize_4bit`` of the merged weights. Quantized outputs go
+    through the CPU workers (the GPU pipeline merges 16-bit outputs), so the oracle is bitsandbytes on the CPU:
+    its CUDA build rounds the nested absmax of double quantization differently in rare cases."""
     import bitsandbytes.functional as F
 
     adapter = models["adapter"]
@@ -394,7 +396,7 @@ def test_cuda_quantized_in_and_out(models, tmp_path) -> None:
     checked = 0
     for name, w in load_output(tmp_path / "m16").items():
         if name.endswith("proj.weight"):
-            packed, state = F.quantize_4bit(w.cuda(), blocksize=64, quant_type="nf4", compress_statistics=True)
+            packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
             assert torch.equal(ours[name].view(-1), packed.cpu().view(-1)), name
             assert torch.equal(ours[name + ".absmax"], state.absmax.cpu()), name
             assert torch.equal(ours[name + ".nested_absmax"], state.state2.absmax.cpu()), name
