@@ -337,3 +337,22 @@ def test_loftq_init_from_a_repo_id_pushes_base_and_adapter(models, hub, tmp_path
     assert {k: v for k, v in on_hub.items() if k in expected} == expected
     assert set(on_hub) - set(expected) == named | {".gitattributes"}
     assert len(hub.requests("POST", "/alice/wide-loftq/commit/")) == 1
+
+
+def test_quantize_pushes_the_quantized_model(models, hub, tmp_path):
+    """`convert quantize --push-to-hub`: the Hub gets the local output's bytes, with a card saying `quantized`."""
+    common = ["--max-shard-size", SHARD, "--device", "cpu", "-q"]
+    local = CliRunner().invoke(main, ["quantize", "--base", "org/base", "--out", str(tmp_path / "q"), *common])
+    assert local.exit_code == 0, local.output
+    pushed = CliRunner().invoke(
+        main,
+        ["quantize", "--base", "org/base", "--out", str(tmp_path / "q2"), *common]
+        + ["--push-to-hub", "alice/base-nf4", "--token", TOKEN],
+    )
+    assert pushed.exit_code == 0, (pushed.output, pushed.exception)
+    files = tree(tmp_path / "q2")
+    assert files == tree(tmp_path / "q") and "config.json" in files
+    assert json.loads(files["config.json"])["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    on_hub = hub.files("alice/base-nf4")
+    assert {k: v for k, v in on_hub.items() if k != ".gitattributes"} == files
+    assert b"base_model_relation: quantized" in files["README.md"] and b"base_model: org/base" in files["README.md"]
