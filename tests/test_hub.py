@@ -312,6 +312,12 @@ def test_inspect_repo_ids_reads_headers_only(models, hub, tmp_path):
     }
 
 
+def invoke_ok(*args: str) -> None:
+    """Run a CLI command in-process (with the test token); it must succeed."""
+    result = CliRunner().invoke(main, [*args, *(["--token", TOKEN] if "--push-to-hub" in args else [])])
+    assert result.exit_code == 0, (result.output, result.exception)
+
+
 def test_loftq_init_from_a_repo_id_pushes_base_and_adapter(models, hub, tmp_path):
     """loftq-init reads a Hub base shard by shard and pushes the 4-bit base with its adapter in one commit."""
     from tests.test_loftq_init import make_base as make_wide_base  # 64-wide rows: whole 4-bit blocks
@@ -319,14 +325,9 @@ def test_loftq_init_from_a_repo_id_pushes_base_and_adapter(models, hub, tmp_path
     wide = make_wide_base(tmp_path / "wide", "llama", "bf16")
     hub.add_repo("org/wide", {p.name: p.read_bytes() for p in wide.iterdir() if p.is_file()})
     common = ["--rank", "2", "--iters", "1", "--device", "cpu", "--max-shard-size", SHARD, "-q"]
-    local = CliRunner().invoke(main, ["loftq-init", "--base", str(wide), "--out", str(tmp_path / "local"), *common])
-    assert local.exit_code == 0, local.output
-    pushed = CliRunner().invoke(
-        main,
-        ["loftq-init", "--base", "org/wide", "--out", str(tmp_path / "remote"), *common]
-        + ["--push-to-hub", "alice/wide-loftq", "--token", TOKEN],
-    )
-    assert pushed.exit_code == 0, (pushed.output, pushed.exception)
+    invoke_ok("loftq-init", "--base", str(wide), "--out", str(tmp_path / "local"), *common)
+    push = ("--push-to-hub", "alice/wide-loftq")
+    invoke_ok("loftq-init", "--base", "org/wide", "--out", str(tmp_path / "remote"), *common, *push)
     named = {"README.md", "adapter/README.md", "adapter/adapter_config.json"}  # they name the base and its repo
     expected = {k: v for k, v in tree(tmp_path / "local").items() if k not in named}
     assert {k: v for k, v in tree(tmp_path / "remote").items() if k not in named} == expected
@@ -341,15 +342,9 @@ def test_loftq_init_from_a_repo_id_pushes_base_and_adapter(models, hub, tmp_path
 
 def test_quantize_pushes_the_quantized_model(models, hub, tmp_path):
     """`convert quantize --push-to-hub`: the Hub gets the local output's bytes, with a card saying `quantized`."""
-    common = ["--max-shard-size", SHARD, "--device", "cpu", "-q"]
-    local = CliRunner().invoke(main, ["quantize", "--base", "org/base", "--out", str(tmp_path / "q"), *common])
-    assert local.exit_code == 0, local.output
-    pushed = CliRunner().invoke(
-        main,
-        ["quantize", "--base", "org/base", "--out", str(tmp_path / "q2"), *common]
-        + ["--push-to-hub", "alice/base-nf4", "--token", TOKEN],
-    )
-    assert pushed.exit_code == 0, (pushed.output, pushed.exception)
+    common = ["quantize", "--base", "org/base", "--max-shard-size", SHARD, "--device", "cpu", "-q"]
+    invoke_ok(*common, "--out", str(tmp_path / "q"))
+    invoke_ok(*common, "--out", str(tmp_path / "q2"), "--push-to-hub", "alice/base-nf4")
     files = tree(tmp_path / "q2")
     assert files == tree(tmp_path / "q") and "config.json" in files
     assert json.loads(files["config.json"])["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
