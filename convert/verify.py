@@ -19,9 +19,11 @@ import torch
 from convert.merge import pick_device
 from convert.pipeline import DEFAULT_CHUNK_BYTES, run_plan
 from convert.plan import OutputTensor, build_plan
+from convert.quantize import quantize_plan
+from formats import bnb
 from formats.adapter import open_adapter
 from formats.checkpoint import open_checkpoint
-from formats.safetensors_file import FLOAT_DTYPES, TensorInfo, read_tensor
+from formats.safetensors_file import DTYPES, FLOAT_DTYPES, TensorInfo, read_header, read_tensor
 
 COMPARE_ELEMENTS = 1 << 22
 
@@ -42,7 +44,10 @@ class CompareSink:
         self._lock = threading.Lock()
 
     def write(self, name: str, data: torch.Tensor, offset: int = 0) -> None:
-        theirs = flat(self.merged[name])
+        theirs = self.merged[name]
+        if data.dtype != DTYPES[theirs.dtype]:  # packed 4-bit data stored as another dtype (--quant-storage)
+            theirs, data = dataclasses.replace(theirs, dtype="U8", shape=(theirs.nbytes,)), data.view(torch.uint8)
+        theirs = flat(theirs)
         first = offset // data.element_size()
         self._compare(name, data.reshape(-1), read_tensor(theirs, first, first + data.numel()))
 
@@ -79,11 +84,20 @@ def verify(
     ``sample``: check that many tensors, chosen at random with ``seed`` (default: all).
     Tensor names and shapes are always checked in full. A tensor passes when no
     element differs by more than ``atol`` (0: bit-identical, what a CPU merge gives).
+    A bitsandbytes-quantized ``merged`` (``--quantize``) is checked byte for byte: the merge is
+    recomputed, quantized with the settings its quant states record, and every serialized part
+    (packed data, absmax, quant state) compared.
     """
     ckpt = open_checkpoint(base)
     peft = open_adapter(adapter) if adapter is not None else None
     plan = build_plan(ckpt, peft)
-    theirs = open_checkpoint(merged).tensors
+    merged_ckpt = open_checkpoint(merged)
+    theirs = merged_ckpt.tensors  # a quantized weight as one tensor of its original shape and dtype
+    stored = theirs  # what the comparing sink reads: the serialized tensors of a quantized model
+    spec = bnb.spec_of(theirs, merged_ckpt.config)
+    if spec is not None:  # a `--quantize` output: recompute the merge, quantize it the same way, compare bytes
+        plan = quantize_plan(plan, spec, ckpt.config)
+        stored = {name: info for f in merged_ckpt.files for name, info in read_header(f)[0].items()}
     ours = {t.name: t for t in plan.tensors}
     missing = sorted(set(ours) - set(theirs))
     extra = sorted(set(theirs) - set(ours))
@@ -102,7 +116,7 @@ def verify(
             results[t.name] = {"problem": f"dtype {found.dtype}, expected {t.dtype}"}
         else:  # a merge with --dtype: recompute in the merged model's dtype
             todo.append(dataclasses.replace(t, dtype=found.dtype))
-    sink = CompareSink(theirs, atol)
+    sink = CompareSink(stored, atol)
     run_plan(todo, sink, pick_device(device), chunk_size)
 
     tensors = []
@@ -111,8 +125,10 @@ def verify(
         if t.name in results:
             entry.update(results[t.name], ok=False)
         else:
-            mismatched = sink.mismatched.get(t.name, 0)
-            entry.update(max_abs_error=sink.max_error.get(t.name, 0.0), mismatched=mismatched, ok=mismatched == 0)
+            parts = [p.name for p in t.serialized]  # the tensor itself, or its quantized parts
+            mismatched = sum(sink.mismatched.get(p, 0) for p in parts)
+            error = max(sink.max_error.get(p, 0.0) for p in parts)
+            entry.update(max_abs_error=error, mismatched=mismatched, ok=mismatched == 0)
         tensors.append(entry)
     ok = not missing and not extra and all(e["ok"] for e in tensors)
     return {"ok": ok, "checked": len(tensors), "total": len(ours), "missing": missing, "extra": extra} | {

@@ -309,6 +309,22 @@ class QuantSpec:
             raise ConvertError(f"--compute-dtype {self.compute_dtype!r}: expected auto, bfloat16, float16 or float32")
 
 
+def spec_of(tensors: dict[str, TensorInfo], config: dict) -> QuantSpec | None:
+    """The settings a bitsandbytes checkpoint was quantized with (None for a 16-bit one), from its weights'
+    quant states and its ``quantization_config``: what ``--quantize`` must be given to write it again."""
+    qconfig = config.get("quantization_config") or {}
+    skip = tuple(qconfig.get("llm_int8_skip_modules") or ())
+    for info in tensors.values():
+        if isinstance(info.quantized, Int8Rows):
+            return QuantSpec("int8", skip_modules=skip)
+        if isinstance(info.quantized, Packed4bit):
+            q = info.quantized
+            storage = qconfig.get("bnb_4bit_quant_storage", "uint8")
+            compute = qconfig.get("bnb_4bit_compute_dtype", "auto")
+            return QuantSpec(q.quant_type, q.blocksize, q.nested_absmax is not None, storage, compute, skip)
+    return None
+
+
 def should_quantize(name: str, shape: tuple[int, ...], dtype: str, skip: list[str]) -> bool:
     """Whether transformers would hold this tensor quantized: the weight of a Linear not skipped.
 

@@ -182,3 +182,32 @@ def test_inspect_hostile_quant_state(tmp_path):
     (tmp_path / "model" / "config.json").write_text("{}")
     result = CliRunner().invoke(main, ["inspect", str(tmp_path / "model")])
     assert result.exit_code == 2 and "model.x.weight" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "quant",
+    [
+        dict(quantize="nf4"),
+        dict(quantize="fp4", double_quant=False, blocksize=128, quant_storage="bfloat16"),
+        dict(quantize="int8"),
+    ],
+    ids=["nf4-double-quant", "fp4-bf16-storage", "int8"],
+)
+def test_verify_a_quantized_merge_byte_for_byte(tmp_path, merged, quant):
+    """A `--quantize` output is recomputed, quantized with the settings its quant states record, and compared
+    part by part; one flipped byte of packed data (or of an int8 weight) is found in the right tensor."""
+    base, adapter, _ = merged
+    out = tmp_path / "quantized"
+    merge(base, adapter, out, device="cpu", dtype="bf16", max_shard_size="30KB", **quant)
+    report = invoke_json(*verify_args(base, adapter, out))
+    assert report["ok"] and report["checked"] == report["total"] == 21, report
+    name = "model.layers.1.mlp.up_proj.weight"
+    for shard in sorted(out.glob("*.safetensors")):
+        infos = read_header(shard)[0]
+        if name in infos:
+            data = bytearray(shard.read_bytes())
+            data[infos[name].offset + 5] ^= 0x11
+            shard.write_bytes(bytes(data))
+    result = CliRunner().invoke(main, verify_args(base, adapter, out))
+    bad = [line for line in result.stdout.splitlines() if line.startswith("MISMATCH")]
+    assert result.exit_code == 1 and len(bad) == 1 and name in bad[0], result.stdout
