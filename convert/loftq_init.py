@@ -260,6 +260,11 @@ def build_plan(ckpt: Checkpoint, targets: dict[str, str], settings: Settings) ->
     order = sorted(ckpt.tensors.values(), key=lambda t: (str(t.path), t.offset))
     base, adapter = [], []
     for info in order:
+        if roles[info.name] == "loftq" and settings.rank > min(info.shape):
+            raise ConvertError(
+                f"{info.path}: tensor '{info.name}': --rank {settings.rank} exceeds the smaller dimension of its "
+                f"shape {list(info.shape)}; choose --rank {min(info.shape)} or less, or other --target-modules"
+            )
         if roles[info.name] == "copy":
             base.append(PlannedTensor(info.name, info.dtype, info.shape))
         else:
@@ -343,7 +348,7 @@ def stream(order: list[TensorInfo], roles: dict[str, str]):
 
 def process_linear(info: TensorInfo, weight: torch.Tensor, role: str, settings: Settings, device: torch.device) -> dict:
     """Q (and A, B with their errors for a LoftQ target) of one linear weight, on ``device``."""
-    w = weight.to(device)
+    w = weight.to(device, DTYPES[info.dtype])  # an LLM.int8 base reads as fp32: back to the model's dtype
     if role == "quant":
         return {"q": quantize_4bit(w, settings.spec.blocksize, settings.quant_type, settings.double_quant)}
     try:

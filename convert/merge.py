@@ -111,6 +111,10 @@ def merge(
         shard_bytes, chunk_bytes = parse_size(max_shard_size), parse_size(chunk_size)
     except ValueError as e:
         raise ConvertError(f"--max-shard-size/--chunk-size: {e}") from None
+    if shard_bytes <= 0 or chunk_bytes <= 0:
+        raise ConvertError(f"--max-shard-size {max_shard_size} / --chunk-size {chunk_size}: both must be positive")
+    if train_quant is not None and merge_into != "dequantized":
+        raise ConvertError("--train-quant: only used with --merge-into dequantized (it names the quantization to undo)")
     devices = cuda_devices(device) if device.startswith("cuda") else [pick_device(device)]
     torch_device = devices[0]
     hub = open_hub_model(str(base), revision, token, keep_downloads) if base_repo else None

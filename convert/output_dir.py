@@ -90,7 +90,8 @@ def file_fingerprint(path: Path) -> dict:
 def fingerprint(command: str, options: dict, inputs: list[Path]) -> dict:
     """What makes two runs produce the same bytes: the command, its options and its input files."""
     files = {str(p.resolve()): file_fingerprint(p) for p in sorted(set(inputs))}
-    return {"command": command, "options": options, "inputs": files}
+    # As the journal will give it back (tuples become lists), so that a resume compares like with like.
+    return {"command": command, "options": json.loads(json.dumps(options)), "inputs": files}
 
 
 def describe_difference(old: dict, new: dict) -> str:

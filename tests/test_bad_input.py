@@ -376,3 +376,16 @@ def test_lora_bias_of_the_wrong_shape(tmp_path):
     save_file(tensors, path)
     message = run_failing(tmp_path, base, adapter)
     assert f"tensor '{name}': shape mismatch" in message
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--chunk-size", "0"], "both must be positive"),
+        (["--max-shard-size", "0"], "both must be positive"),
+        (["--train-quant", "nf4"], "--train-quant: only used with --merge-into dequantized"),
+    ],
+)
+def test_option_values_that_mean_nothing(llama, tmp_path, extra, expected):
+    base, adapter = llama
+    assert expected in run_failing(tmp_path, base, adapter, None, *extra)

@@ -301,6 +301,36 @@ def test_injected_enospc_then_resume(inputs, tmp_path, monkeypatch):
     assert digest(out) == reference
 
 
+def kill_then_resume(args: list[str], out: Path, fault: str) -> None:
+    """Run ``convert ARGS --out OUT`` in a subprocess killed at ``fault``; check that nothing finished-looking is
+    at OUT, that a plain rerun is refused, and that ``--resume`` finishes."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "convert.cli", *args, "--out", str(out)],
+        cwd=ROOT,
+        env={**os.environ, "CONVERT_FAULT": fault},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == -9, (fault, proc.returncode, proc.stderr)
+    assert_no_finished_model(out)
+    refused = invoke(*args, "--out", str(out))
+    assert refused.exit_code == 2 and "--resume" in refused.stderr
+    resumed = invoke(*args, "--out", str(out), "--resume")
+    assert resumed.exit_code == 0, resumed.output
+
+
+@pytest.mark.parametrize("fault", ["job:3", "after-shard:1"])
+def test_quantize_kill_then_resume_is_byte_identical(inputs, tmp_path, fault):
+    """A quantized output (its options, a dataclass with tuples, go through the JSON journal) resumes too."""
+    base, adapter, _ = inputs
+    args = ["merge", "--base", str(base), "--adapter", str(adapter), *OPTIONS, "--quantize", "nf4"]
+    args += ["--skip-modules", "o_proj"]
+    assert invoke(*args, "--out", str(tmp_path / "reference")).exit_code == 0
+    kill_then_resume(args, tmp_path / "out", fault)
+    assert tree_digest(tmp_path / "out") == tree_digest(tmp_path / "reference")
+
+
 def tree_digest(path: Path) -> dict[str, str]:
     return {
         str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in path.rglob("*") if p.is_file()
@@ -319,20 +349,7 @@ def test_loftq_init_kill_then_resume_is_byte_identical(fault, tmp_path):
     reference = tree_digest(tmp_path / "reference")
     assert sum(n.endswith(".safetensors") and "/" not in n for n in reference) >= 3
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "convert.cli", *args, "--out", str(out)],
-        cwd=ROOT,
-        env={**os.environ, "CONVERT_FAULT": fault},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == -9, (fault, proc.returncode, proc.stderr)
-    assert_no_finished_model(out)
-    refused = invoke(*args, "--out", str(out))
-    assert refused.exit_code == 2 and "--resume" in refused.stderr
-    resumed = invoke(*args, "--out", str(out), "--resume")
-    assert resumed.exit_code == 0, resumed.output
+    kill_then_resume(args, out, fault)
     assert not partial_path(out).exists()
     config = "adapter/adapter_config.json"  # names the output directory itself (base_model_name_or_path)
     assert {k: v for k, v in tree_digest(out).items() if k != config} == {

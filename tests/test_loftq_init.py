@@ -173,6 +173,7 @@ def test_adapter_config_and_dequantized_base(tmp_path):
         (["--target-modules", "nope_proj"], "'nope_proj': matches no module"),
         (["--target-modules", "embed_tokens"], "is not a quantized linear layer"),
         (["--rank", "0"], "rank and iters must be >= 1"),
+        (["--rank", "65"], "--rank 65 exceeds the smaller dimension"),
     ],
 )
 def test_bad_input_is_a_clear_error(args, message, tmp_path):
@@ -181,7 +182,7 @@ def test_bad_input_is_a_clear_error(args, message, tmp_path):
     run = CliRunner().invoke(main, ["loftq-init", "--base", str(base), "--out", str(tmp_path / "out"), *args])
     assert run.exit_code == 2, run.output
     assert message in run.output
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial*"))
     assert sorted((p.name, p.stat().st_mtime_ns) for p in base.iterdir()) == before
 
 
@@ -213,3 +214,19 @@ def test_bin_and_sharded_bases_give_the_same_output(save, tmp_path):
     adapters = [load_output(tmp_path / f"out-{n}" / "adapter") for n in ("single", "other")]
     assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
     assert len(list((tmp_path / "out-other").glob("model-*.safetensors"))) > 1
+
+
+def test_llm_int8_base_keeps_its_dtype(tmp_path):
+    """An LLM.int8 base (saved by transformers) reads as fp32 rows: Q is still quantized from, and recorded as,
+    the model's 16-bit dtype, and the output loads in transformers + PEFT."""
+    base = make_base(tmp_path / "base", "llama", "fp16")
+    config = transformers.BitsAndBytesConfig(load_in_8bit=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, quantization_config=config, device_map="cpu")
+    model.save_pretrained(tmp_path / "int8")
+    loftq_init(tmp_path / "int8", tmp_path / "out", rank=2, iters=1, device="cpu")
+    state = load_output(tmp_path / "out")
+    blob = state["model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4"]
+    assert json.loads(bytes(blob.tolist()))["dtype"] == "float16"
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "float16"
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", device_map="cpu")
+    assert peft.PeftModel.from_pretrained(model, tmp_path / "out" / "adapter") is not None
