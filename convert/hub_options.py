@@ -40,6 +40,11 @@ def hub_options(command):
 
     @functools.wraps(command)
     def with_hub(*args, push_to_hub, private, push_revision, commit_message, **kwargs):
+        token = kwargs.get("token")
+        if token is not None:
+            token = kwargs["token"] = token.strip()  # a token file saved with CRLF
+            if not token.isprintable():
+                raise click.UsageError("--token: contains control characters (not printed)")
         if not push_to_hub and (private or push_revision or commit_message):
             raise click.UsageError("--private, --push-revision and --commit-message need --push-to-hub")
         # huggingface_hub's per-file bars and retry warnings would break up the tool's bar and one-line errors.

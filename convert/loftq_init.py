@@ -31,7 +31,7 @@ from tqdm import tqdm
 from convert.kernels import quant
 from convert.kernels.quant import Quantized4bit, dequantize_4bit, quantize_4bit
 from convert.loftq import SVD_METHODS, loftq_matrix, lora_scaling
-from convert.merge import check_paths, human_bytes, input_files, pick_device, version
+from convert.merge import check_paths, hub_identity, human_bytes, input_files, pick_device, version
 from convert.output_dir import each, fault_point, fingerprint, open_stage
 from convert.push import HubTarget, Upload
 from formats import bnb
@@ -155,7 +155,8 @@ def loftq_init(
         needed = sum(t.nbytes for t in plan.base + plan.adapter)
         if save_dequantized:
             needed += sum(t.nbytes for t in plan.order)
-        fp = fingerprint("loftq-init", options, input_files(ckpt, None))
+        options["hub_base"] = hub_identity(hub)
+        fp = fingerprint("loftq-init", options, input_files(ckpt, None, hub))
         stage = open_stage(out, fp, resume=resume, overwrite=overwrite, needed_bytes=needed)
         tmp = stage.dir
         writers: list[ShardWriter] = []

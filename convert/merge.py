@@ -31,7 +31,7 @@ from formats.adapter import Adapter, open_adapter
 from formats.checkpoint import INDEX_NAMES, Checkpoint, open_checkpoint
 from formats.errors import ConvertError
 from formats.hf_files import copy_side_files, write_config, write_model_card
-from formats.hub import fetch_adapter, open_hub_model, parse_repo_id
+from formats.hub import HubModel, fetch_adapter, open_hub_model, parse_repo_id
 from formats.writer import ShardWriter, parse_size
 
 
@@ -146,9 +146,10 @@ def merge(
         "chunk_size": chunk_bytes,
         "quantize": dataclasses.asdict(spec) if quantize else None,
         "merge_into": merge_into,
-        "train_quant": train_quant,
+        "train_quant": dataclasses.asdict(trained) if merge_into == "dequantized" else None,
+        "hub_base": hub_identity(hub),
     }
-    fp = fingerprint("merge", options, input_files(ckpt, peft))
+    fp = fingerprint("merge", options, input_files(ckpt, peft, hub))
     needed = sum(t.nbytes for t in planned)
     stage = open_stage(out, fp, resume=resume, overwrite=overwrite, needed_bytes=needed)
     tmp = stage.dir
@@ -224,6 +225,8 @@ def merge(
 
 def check_paths(inputs: list[Path], out: Path, overwrite: bool) -> None:
     """Refuse outputs that would clobber inputs or an existing model."""
+    if out.name in ("", ".", ".."):  # the partial sibling and the final rename need a named directory
+        raise ConvertError(f"--out {out}: name the output directory (e.g. {Path.cwd().name}/merged), not . or ..")
     out_r = out.resolve()
     for path in inputs:
         p = path.resolve()
@@ -237,12 +240,20 @@ def check_paths(inputs: list[Path], out: Path, overwrite: bool) -> None:
         raise ConvertError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
 
 
-def input_files(ckpt: Checkpoint, adapter: Adapter | None) -> list[Path]:
-    """Every input file whose bytes reach the output: what a resumed run must find unchanged."""
-    files = [*ckpt.files, *(ckpt.directory / n for n in (INDEX_NAMES + ("config.json",)))]
+def input_files(ckpt: Checkpoint, adapter: Adapter | None, hub: HubModel | None = None) -> list[Path]:
+    """Every local input file whose bytes reach the output: what a resumed run must find unchanged.
+
+    A Hub base is identified by its repo and commit instead (``hub_identity``): its shards come and go
+    from the cache as they are downloaded and, with ``--no-keep-downloads``, deleted."""
+    files = [] if hub is not None else [*ckpt.files, *(ckpt.directory / n for n in (INDEX_NAMES + ("config.json",)))]
     if adapter is not None:
-        files += [adapter.weights_file, adapter.directory / "adapter_config.json"]
+        files += [adapter.weights_file, adapter.directory / "adapter_config.json", adapter.directory / "README.md"]
     return [f for f in files if f.is_file()]
+
+
+def hub_identity(hub: HubModel | None) -> dict | None:
+    """What a Hub base is, for the resume fingerprint: a commit is immutable."""
+    return None if hub is None else {"repo": hub.repo_id, "commit": hub.commit}
 
 
 def version() -> str:

@@ -55,7 +55,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from formats.errors import ConvertError
+from formats.errors import ConvertError, TransientError
 
 JOURNAL = "journal.jsonl"
 MODEL = "model"
@@ -243,12 +243,14 @@ class Stage:
         """Clean up after ``error`` ended the run; raise what to report instead, if anything.
 
         Bad input (``ConvertError``: a rerun would fail again) removes the partial
-        directory. Anything else (a kill, Ctrl-C, a full disk, an I/O error) keeps it,
-        journal included, for ``--resume``; an ``OSError`` becomes a one-line
-        ``ConvertError`` that says so.
+        directory. Anything else (a kill, Ctrl-C, a full disk, an I/O error, the network:
+        ``TransientError``) keeps it, journal included, for ``--resume``; an ``OSError``
+        or ``TransientError`` becomes a one-line ``ConvertError`` that says so.
         """
         self._journaler.shutdown(wait=True)  # shards already finished are worth journaling
         try:
+            if isinstance(error, TransientError):
+                raise ConvertError(f"{error}; {kept_for_resume(self.partial)}") from None
             if isinstance(error, ConvertError):
                 shutil.rmtree(self.partial, ignore_errors=True)
             elif isinstance(error, OSError):
@@ -274,11 +276,12 @@ def each(*callbacks: Callable[[str], None] | None) -> Callable[[str], None]:
 
 
 def write_failed(error: OSError, out: Path, partial: Path) -> str:
+    return f"{error.filename or out}: {error.strerror or error} while writing {out}; {kept_for_resume(partial)}"
+
+
+def kept_for_resume(partial: Path) -> str:
     count = len(read_journal(partial)[1])
-    return (
-        f"{error.filename or out}: {error.strerror or error} while writing {out}; nothing was published and the "
-        f"{count} finished shard(s) are kept in {partial}: fix the cause and rerun with --resume"
-    )
+    return f"nothing was published and the {count} finished shard(s) are kept in {partial}: rerun with --resume"
 
 
 def _append(journal: Path, record: dict) -> None:

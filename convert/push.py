@@ -19,11 +19,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd, HfApi
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
 from formats.errors import ConvertError
 from formats.hub import hub_errors
 
+WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
 RETRY_HINT = "; run the same command again to resume (files already uploaded are not sent again)"
 
 
@@ -96,9 +97,10 @@ class Upload:
             raise self.error
         try:
             with hub_errors(self.target.repo_id, " (commit)", self.token):
+                stale = [CommitOperationDelete(n) for n in self._stale_weights(names)]
                 info = self.api.create_commit(
                     self.target.repo_id,
-                    [self.operations[n] for n in names],
+                    [*(self.operations[n] for n in names), *stale],
                     commit_message=self.target.commit_message or message,
                     revision=self.target.revision,
                     token=self.token,
@@ -106,6 +108,13 @@ class Upload:
         except ConvertError as e:
             raise ConvertError(f"{e}{RETRY_HINT}") from None
         return info.commit_url
+
+    def _stale_weights(self, names: list[str]) -> list[str]:
+        """Weight files of an earlier push that this one does not replace: left there, transformers could
+        load them instead (it prefers ``model.safetensors`` to an index, for one)."""
+        info = self.api.model_info(self.target.repo_id, revision=self.target.revision, token=self.token)
+        existing = [s.rfilename for s in info.siblings or []]
+        return [n for n in existing if n not in names and n.endswith(WEIGHT_SUFFIXES)]
 
     def abort(self) -> None:
         """Stop after the upload in progress (its daemon thread ends with the process); nothing is committed."""

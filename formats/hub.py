@@ -30,7 +30,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
 from formats.checkpoint import Checkpoint, ShardFiles, open_checkpoint, read_json
-from formats.errors import ConvertError
+from formats.errors import ConvertError, TransientError
 from formats.hf_files import SIDE_FILES
 from formats.safetensors_file import TensorInfo, read_header
 
@@ -87,7 +87,7 @@ def hub_errors(repo_id: str, where: str = "", token: str | None = None) -> Itera
         cause = network_cause(e)
         if cause is None:
             raise
-        raise ConvertError(f"{name}: cannot reach the Hub: {first_line(cause, token)}") from None
+        raise TransientError(f"{name}: cannot reach the Hub: {first_line(cause, token)}") from None
 
 
 def network_cause(error: BaseException) -> BaseException | None:
@@ -118,7 +118,9 @@ def first_line(error: BaseException, token: str | None = None) -> str:
     """The first line of an exception's message, with the token masked should a library ever include it."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     text = f"{type(error).__name__}: {lines[0].rstrip('.')}" if lines else type(error).__name__
-    return text.replace(token, "***") if token else text
+    for form in (token, repr(token)[1:-1]) if token else ():  # also as a message may quote it escaped
+        text = text.replace(form, "***")
+    return text
 
 
 class Prefetch:
@@ -241,10 +243,14 @@ def files_read_by(obj: object) -> set[Path]:
 
 
 def delete_cached(path: Path) -> None:
-    """Remove a downloaded file from the Hub cache: the snapshot's symlink and the blob it points to."""
+    """Remove a downloaded file from the Hub cache: the snapshot's symlink, and the blob it points to unless
+    another snapshot (another revision with the same file) links to it too."""
     blob = path.resolve() if path.is_symlink() else None
     path.unlink(missing_ok=True)
-    if blob is not None:
+    snapshots = next((p for p in path.parents if p.name == "snapshots"), None)
+    if blob is None or snapshots is None:
+        return
+    if not any(link.is_symlink() and link.resolve() == blob for link in snapshots.rglob("*")):
         blob.unlink(missing_ok=True)
 
 

@@ -389,3 +389,13 @@ def test_lora_bias_of_the_wrong_shape(tmp_path):
 def test_option_values_that_mean_nothing(llama, tmp_path, extra, expected):
     base, adapter = llama
     assert expected in run_failing(tmp_path, base, adapter, None, *extra)
+
+
+@pytest.mark.parametrize("where", [".", ".."])
+def test_out_must_name_a_directory(llama, tmp_path, monkeypatch, where):
+    base, adapter = llama
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")
+    message = run_failing(tmp_path, base, adapter, Path(where))
+    assert "name the output directory" in message
+    assert not list((tmp_path / "empty").iterdir()) and not list(tmp_path.glob(".*partial*"))

@@ -53,16 +53,7 @@ def merge_args(base: Path, adapter: Path, out: Path, *extra: str) -> list[str]:
 
 def run_killed(base: Path, adapter: Path, out: Path, fault: str, *extra: str) -> None:
     """Run the CLI in a subprocess that SIGKILLs itself at ``fault``; check it died there."""
-    env = {**os.environ, "CONVERT_FAULT": fault}
-    proc = subprocess.run(
-        [sys.executable, "-m", "convert.cli", *merge_args(base, adapter, out, *extra)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == -9, (fault, proc.returncode, proc.stderr)
+    killed_at(fault, *merge_args(base, adapter, out, *extra))
 
 
 def assert_no_finished_model(out: Path) -> None:
@@ -301,18 +292,19 @@ def test_injected_enospc_then_resume(inputs, tmp_path, monkeypatch):
     assert digest(out) == reference
 
 
+def killed_at(fault: str, *args: str) -> None:
+    """Run ``convert ARGS`` in a subprocess that SIGKILLs itself at ``fault``; check it died there."""
+    env = {**os.environ, "CONVERT_FAULT": fault}
+    proc = subprocess.run(
+        [sys.executable, "-m", "convert.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == -9, (fault, proc.returncode, proc.stderr)
+
+
 def kill_then_resume(args: list[str], out: Path, fault: str) -> None:
     """Run ``convert ARGS --out OUT`` in a subprocess killed at ``fault``; check that nothing finished-looking is
     at OUT, that a plain rerun is refused, and that ``--resume`` finishes."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "convert.cli", *args, "--out", str(out)],
-        cwd=ROOT,
-        env={**os.environ, "CONVERT_FAULT": fault},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == -9, (fault, proc.returncode, proc.stderr)
+    killed_at(fault, *args, "--out", str(out))
     assert_no_finished_model(out)
     refused = invoke(*args, "--out", str(out))
     assert refused.exit_code == 2 and "--resume" in refused.stderr
@@ -359,3 +351,13 @@ def test_loftq_init_kill_then_resume_is_byte_identical(fault, tmp_path):
     assert [{**c, "base_model_name_or_path": None} for c in configs] == [
         {**configs[1], "base_model_name_or_path": None}
     ] * 2
+
+
+def test_resume_with_other_training_quantization_is_refused(inputs, tmp_path):
+    """--merge-into dequantized: the quantization undone (--train-quant, --blocksize) is part of the fingerprint."""
+    base, adapter, _ = inputs
+    args = ["merge", "--base", str(base), "--adapter", str(adapter), *OPTIONS, "--merge-into", "dequantized"]
+    args += ["--train-quant", "nf4"]
+    killed_at("after-shard:1", *args, "--blocksize", "64", "--out", str(tmp_path / "out"))
+    refused = invoke(*args, "--blocksize", "128", "--out", str(tmp_path / "out"), "--resume")
+    assert refused.exit_code == 2 and "option train_quant" in refused.stderr, refused.stderr

@@ -7,6 +7,8 @@ Hub must be byte-identical to it.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,10 +19,12 @@ from click.testing import CliRunner
 from huggingface_hub import constants
 from huggingface_hub.utils import _http, close_session
 
+import formats.hub
 from convert.cli import main
 from formats.writer import PlannedTensor, ShardWriter
-from tests.conftest import make_adapter, make_base
+from tests.conftest import ROOT, make_adapter, make_base
 from tests.hub_server import FakeHub
+from tests.test_crash_safety import journaled
 
 merge_module = sys.modules["convert.merge"]  # the package's `merge` attribute is the function
 TOKEN = "hf_test_secret_token_0123456789"
@@ -351,3 +355,73 @@ def test_quantize_pushes_the_quantized_model(models, hub, tmp_path):
     on_hub = hub.files("alice/base-nf4")
     assert {k: v for k, v in on_hub.items() if k != ".gitattributes"} == files
     assert b"base_model_relation: quantized" in files["README.md"] and b"base_model: org/base" in files["README.md"]
+
+
+def cli_against(hub, tmp_path: Path, *args: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    """`convert ARGS` in a subprocess (so that it can be killed) pointed at the look-alike by environment."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env |= {"HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(tmp_path / "hf-cache"), "HF_HUB_DISABLE_XET": "1"}
+    env |= {"HF_HOME": str(tmp_path / "hf-home")} | ({"CONVERT_FAULT": fault} if fault else {})
+    command = [sys.executable, "-m", "convert.cli", *args]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("keep", [[], ["--no-keep-downloads"]], ids=["keep", "no-keep"])
+def test_resume_a_hub_merge_after_a_kill(models, hub, tmp_path, keep):
+    """A Hub base is fingerprinted by repo and commit, not by cache files that come and go: resume works."""
+    base, adapter = models
+    args = ["merge", *FROM_HUB, "--out", str(tmp_path / "out"), "--device", "cpu", "-q", *keep]
+    killed = cli_against(hub, tmp_path, *args, fault="after-shard:2")
+    assert killed.returncode == -9, killed.stderr
+    resumed = cli_against(hub, tmp_path, *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert without_card(tree(tmp_path / "out")) == without_card(merge_locally(base, adapter, tmp_path / "local"))
+
+
+def test_network_failure_mid_merge_keeps_finished_shards(models, hub, tmp_path, monkeypatch):
+    """The network going away is no bad input: finished shards stay for --resume, which then completes."""
+    real, calls = formats.hub.hf_hub_download, []
+
+    def flaky(repo, name, **kwargs):
+        calls.append(name)
+        if name.startswith("model-") and sum(c.startswith("model-") for c in calls) == 3:
+            raise ConnectionResetError("connection reset by peer")
+        return real(repo, name, **kwargs)
+
+    monkeypatch.setattr(formats.hub, "hf_hub_download", flaky)
+    out = tmp_path / "out"
+    message = run(*FROM_HUB, "--out", str(out), "--device", "cpu", "-q", code=2)
+    assert "cannot reach the Hub" in message and "rerun with --resume" in message
+    assert len(journaled(out)) >= 1 and not out.exists()
+    run(*FROM_HUB, "--out", str(out), "--device", "cpu", "-q", "--resume")
+    base, adapter = models
+    assert without_card(tree(out)) == without_card(merge_locally(base, adapter, tmp_path / "local"))
+
+
+def test_repush_removes_weights_of_an_earlier_push(models, hub, tmp_path):
+    """A sharded push over an earlier single-file one deletes `model.safetensors`, which transformers prefers."""
+    base, adapter = models
+    push = ("--push-to-hub", "alice/merged", "--token", TOKEN, "-q")
+    run("--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "a"), *push)
+    run("--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "b"), "--max-shard-size", SHARD, *push)
+    assert "model.safetensors" in tree(tmp_path / "a")
+    assert set(hub.files("alice/merged")) - {".gitattributes"} == set(tree(tmp_path / "b"))
+
+
+def test_no_keep_downloads_spares_blobs_other_snapshots_link(models, hub, tmp_path):
+    """Deleting a consumed shard must not break an earlier revision's snapshot that shares its blob."""
+    run(*FROM_HUB, "--out", str(tmp_path / "a"), "-q")
+    (old,) = (tmp_path / "hf-cache" / "models--org--base" / "snapshots").iterdir()
+    files = {**hub.files("org/base"), "generation_config.json": b'{"do_sample": false}'}
+    commit = hub._commit("org/base", "v2", files, "v2")
+    args = ["--base", f"org/base@{commit}", *FROM_HUB[2:]]
+    run(*args, "--out", str(tmp_path / "b"), "-q", "--no-keep-downloads")
+    shards = list(old.glob("model-*.safetensors"))
+    assert shards and all(p.exists() for p in shards)
+
+
+def test_token_with_a_line_ending_is_cleaned_and_never_shown(models, hub, tmp_path):
+    base, adapter = models
+    run(*FROM_HUB, "--out", str(tmp_path / "ok"), "--token", TOKEN + "\r\n", "-q")  # a token file saved with CRLF
+    result = CliRunner().invoke(main, ["merge", *FROM_HUB, "--out", str(tmp_path / "o"), "--token", "hf_SECRET\x07x"])
+    assert result.exit_code == 2 and "SECRET" not in result.output and "control characters" in result.output
