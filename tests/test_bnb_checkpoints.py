@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 from copy import copy
+from dataclasses import replace
 from pathlib import Path
 
 import bitsandbytes.functional as F
@@ -383,12 +384,17 @@ def test_cuda_quantized_in_and_out(models, tmp_path) -> None:
     its CUDA build rounds the nested absmax of double quantization differently in rare cases."""
     import bitsandbytes.functional as F
 
+    from tests.test_dora import make_dora_adapter
+
     adapter = models["adapter"]
-    merge(models["nf4-dq"], adapter, tmp_path / "cuda", device="cuda", dtype="bf16")
-    merge(models["nf4-dq"], adapter, tmp_path / "cpu", device="cpu", dtype="bf16")
-    cpu = load_output(tmp_path / "cpu")
-    for name, tensor in load_output(tmp_path / "cuda").items():
-        assert_equal_or_1ulp(tensor, cpu[name], name)
+    dora = make_dora_adapter(tmp_path / "dora", models["base16"], r=4, lora_alpha=8, target_modules="all-linear")
+    for kind, delta in (("nf4-dq", adapter), ("nf4", adapter), ("fp4-dq", adapter), ("nf4-dq", dora)):
+        # the codes go to the GPU as stored; the merge kernel dequantizes them tile by tile
+        merge(models[kind], delta, tmp_path / "cuda", device="cuda", dtype="bf16", overwrite=True)
+        merge(models[kind], delta, tmp_path / "cpu", device="cpu", dtype="bf16", overwrite=True)
+        cpu = load_output(tmp_path / "cpu")
+        for name, tensor in load_output(tmp_path / "cuda").items():
+            assert_equal_or_1ulp(tensor, cpu[name], f"{kind} {delta.name} {name}")
 
     merge(models["base16"], adapter, tmp_path / "m16", device="cuda")
     merge(models["base16"], adapter, tmp_path / "q", device="cuda", quantize="nf4", chunk_size=4 * 64 * 3)
@@ -422,3 +428,20 @@ def test_conv1d_models_are_refused(tmp_path) -> None:
     assert "stores transposed" in run_failing(tmp_path, tmp_path / "nf4", adapter)
     assert "--quantize: gpt2" in run_failing(tmp_path, base, adapter, None, "--quantize", "nf4")
     assert "--merge-into dequantized: gpt2" in run_failing(tmp_path, base, adapter, None, "--merge-into", "dequantized")
+
+
+def test_4bit_codes_go_to_the_gpu_only_in_whole_blocks(models) -> None:
+    """The GPU pipeline sends a 4-bit weight's stored codes when every row chunk starts on a quantization block
+    and rows are whole bytes; otherwise its reader dequantizes on the CPU (no CUDA needed to check the choice)."""
+    from convert.gpu_pipeline import gpu_jobs, on_gpu, packed_4bit
+    from convert.plan import build_plan
+    from formats.adapter import open_adapter
+
+    plan = build_plan(open_checkpoint(models["nf4-dq"]), open_adapter(models["adapter"]))
+    adapted = [t for t in plan.tensors if on_gpu(t)]
+    assert len(adapted) == 14
+    jobs = gpu_jobs(adapted, 16 * 128)  # chunks of 16 rows of 64 or of 128 values: whole blocks of 64
+    assert all(isinstance(q, bnb_format.Packed4bit) for _, q in jobs)
+    q, t = jobs[0][1], adapted[0]
+    misaligned = replace(t, source=replace(t.source, quantized=replace(q, blocksize=4096)))
+    assert packed_4bit(t, 16) is q and packed_4bit(misaligned, 16) is None  # 16 x 64 values: not whole 4096-blocks

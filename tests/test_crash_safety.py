@@ -361,3 +361,21 @@ def test_resume_with_other_training_quantization_is_refused(inputs, tmp_path):
     killed_at("after-shard:1", *args, "--blocksize", "64", "--out", str(tmp_path / "out"))
     refused = invoke(*args, "--blocksize", "128", "--out", str(tmp_path / "out"), "--resume")
     assert refused.exit_code == 2 and "option train_quant" in refused.stderr, refused.stderr
+
+
+def test_file_digest_is_a_tree_of_piece_hashes(tmp_path, monkeypatch):
+    """Finished shards are hashed in parallel pieces: the digest is the sha256 of the pieces' sha256 digests, any
+    changed byte changes it, and a file of one piece or none hashes too."""
+    from convert import output_dir
+
+    monkeypatch.setattr(output_dir, "HASH_PIECE", 1000)
+    monkeypatch.setattr(output_dir, "HASH_BLOCK", 300)
+    data = os.urandom(2500)
+    path = tmp_path / "shard"
+    path.write_bytes(data)
+    pieces = b"".join(hashlib.sha256(data[i : i + 1000]).digest() for i in range(0, 2500, 1000))
+    assert output_dir.file_digest(path) == "sha256-tree:" + hashlib.sha256(pieces).hexdigest()
+    path.write_bytes(data[:1234] + bytes([data[1234] ^ 1]) + data[1235:])
+    assert output_dir.file_digest(path) != "sha256-tree:" + hashlib.sha256(pieces).hexdigest()
+    path.write_bytes(b"")
+    assert output_dir.file_digest(path) == "sha256-tree:" + hashlib.sha256(b"").hexdigest()

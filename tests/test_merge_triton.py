@@ -77,32 +77,35 @@ def run_checks(device: str) -> int:
         checked += 1
     from convert.kernels import merge_triton as mt
 
-    # the other code paths: rank-1 updates instead of tl.dot, and DoRA rows too wide to sit in registers
-    saved = mt.USE_DOT, mt.DORA_MAX_ROW
+    # the other launch shapes: several column tiles a stripe, split among programs, and a rank over one step
+    saved = mt.BLOCK_N, mt.DORA_BLOCK_N, mt.PROGRAMS
     try:
-        mt.USE_DOT, mt.DORA_MAX_ROW = False, 32
+        mt.BLOCK_N, mt.DORA_BLOCK_N, mt.PROGRAMS = 16, 16, 4
         w = torch.randn(50, 70, generator=g).to(torch.bfloat16)
-        L, R = torch.randn(50, 8, generator=g) * 0.1, torch.randn(8, 70, generator=g) * 0.1
+        L, R = torch.randn(50, 24, generator=g) * 0.1, torch.randn(24, 70, generator=g) * 0.1
         m = torch.rand(50, generator=g) + 0.5
         for mag in (None, m):
             ref = merge_reference(w, L, R, 0.75, torch.bfloat16, mag)
             ours = merge_triton(w.to(device), L.to(device), R.to(device), 0.75, torch.bfloat16,
                                 None if mag is None else mag.to(device))  # fmt: skip
-            assert_close_merge(ours.cpu(), ref, f"USE_DOT off / two-pass rows, dora {mag is not None}")
+            assert_close_merge(ours.cpu(), ref, f"split column tiles, dora {mag is not None}")
             checked += 1
     finally:
-        mt.USE_DOT, mt.DORA_MAX_ROW = saved
-    for quant_type in ("nf4", "fp4"):
-        w = torch.randn(48, 100, generator=g).to(torch.bfloat16)
+        mt.BLOCK_N, mt.DORA_BLOCK_N, mt.PROGRAMS = saved
+    cases = (("nf4", 100, True), ("fp4", 100, True), ("nf4", 99, True), ("fp4", 100, False))
+    for quant_type, cols, fused in cases:  # odd rows, or FUSE_4BIT off: dequantized first, then merged in place
+        mt.FUSE_4BIT = fused
+        w = torch.randn(48, cols, generator=g).to(torch.bfloat16)
         q, expected = quantized(w, quant_type, device)
         assert torch.equal(dequantize_reference(quantized(w, quant_type, "cpu")[0]), expected)
-        L, R = torch.randn(48, 8, generator=g) * 0.1, torch.randn(8, 100, generator=g) * 0.1
+        L, R = torch.randn(48, 8, generator=g) * 0.1, torch.randn(8, cols, generator=g) * 0.1
         for dora in (False, True):
             m = torch.rand(48, generator=g) + 0.5 if dora else None
             ref = merge_reference(expected, L, R, 2.0, torch.bfloat16, m)
             ours = merge_triton(q, L.to(device), R.to(device), 2.0, torch.bfloat16, m.to(device) if dora else None)
-            assert_close_merge(ours.cpu(), ref, f"{quant_type} dora {dora}")
+            assert_close_merge(ours.cpu(), ref, f"{quant_type} {cols} fused {fused} dora {dora}")
             checked += 1
+    mt.FUSE_4BIT = True
     return checked
 
 
@@ -111,9 +114,9 @@ def test_kernels_in_triton_interpreter() -> None:
     code = "from tests.test_merge_triton import run_checks; print('checked', run_checks('cpu'))"
     done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "checked 11" in done.stdout
+    assert "checked 15" in done.stdout
 
 
 @cuda
 def test_kernels_on_cuda() -> None:
-    assert run_checks("cuda") == 11
+    assert run_checks("cuda") == 15

@@ -102,3 +102,27 @@ def test_cuda_int8_equals_bitsandbytes_cuda(dtype):
     assert q.is_cuda and torch.equal(q, ref_q) and torch.equal(bits(scb), bits(ref_scb))
     out = Q.dequantize_int8(q, scb, dtype)
     assert torch.equal(bits(out), bits(F.int8_vectorwise_dequant(ref_q, ref_scb).to(dtype)))
+
+
+@cuda
+def test_direct_launches_keep_each_specialization_apart():
+    """After the first call of a specialization, launches skip Triton's binding (convert.kernels.launch). Inputs
+    that Triton compiles separately (a misaligned address, a size not divisible by 16, a size of 1) must each still
+    get their own kernel: every call, first or repeated, in any order, equals bitsandbytes."""
+    from convert.kernels import quant_triton as T
+
+    base = sample((8192 + 64,), torch.bfloat16, 64, seed=3)
+    cases = [(0, 8192), (1, 8192), (0, 8191), (3, 1001), (0, 1), (8, 64), (0, 4096), (5, 4096)]
+    for start, n in cases + cases[::-1]:
+        x = base[start : start + n]
+        for _ in range(2):
+            packed, state = F.quantize_4bit(x, blocksize=64, quant_type="nf4")
+            ours, absmax = T.quantize_4bit(x, 64, "nf4")
+            assert torch.equal(ours, packed.view(-1)) and torch.equal(bits(absmax), bits(state.absmax)), (start, n)
+            stored = torch.zeros(packed.numel() + 16, dtype=torch.uint8, device="cuda")[start : start + packed.numel()]
+            stored.copy_(packed.view(-1))  # the packed bytes at the same (mis)alignment
+            back = T.dequantize_4bit(stored, state.absmax, 64, "nf4", n, torch.bfloat16)
+            assert torch.equal(bits(back), bits(F.dequantize_4bit(packed, state).view(-1))), (start, n)
+    assert (
+        len(T._QUANTIZE_4BIT.compiled) >= 3 and len(T._DEQUANTIZE_4BIT.compiled) >= 3
+    )  # aligned/misaligned, divisible by 16 or not, 1

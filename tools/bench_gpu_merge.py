@@ -1,25 +1,35 @@
-"""Benchmark `convert merge --device cuda` (LoRA and DoRA) against the reference stack and the `cp` floor,
-and the fused kernels against a device-to-device copy, all in one run on the GPU machine.
+"""Benchmark `convert merge --device cuda` (LoRA and DoRA, on bf16 and on NF4 bases) against the reference stack
+and the `cp` floor, and the fused kernels against a device-to-device copy, all in one run on the GPU machine.
 
     python tools/bench_gpu_merge.py [--shape 8b|1b] [--workdir /tmp/bench-gpu] [--kernels] [--no-merge]
+                                    [--runs all|cp,startup,lora,dora,nf4-lora,nf4-dora]
+                                    [--reference both|lora|none|all]
                                     [--results tools/results/bench_gpu_merge.md] [--also-to $OUT/bench.md]
 
 Builds a Llama-shaped bf16 checkpoint (8b: hidden 4096, 32 layers, intermediate 14336,
 vocab 128256, ~16 GB in 5 GB shards; 1b: TinyLlama's shape), generated on the GPU and
-written with the project's streaming writer, and r=16 all-linear LoRA and DoRA adapters
-(DoRA magnitudes near the weight norms). Then, with the page cache dropped before each
-run (`sync; echo 3 > /proc/sys/vm/drop_caches`; the results say if that was refused),
-times each whole process plus a final `sync` (so written data is on disk):
+written with the project's streaming writer, an NF4 copy of the same weights (bitsandbytes'
+layout: blocksize 64, double quant, uint8 storage; the projections quantized on the GPU with the
+project's kernels, embeddings, norms and lm_head kept bf16, as transformers does), and r=16
+all-linear LoRA and DoRA adapters (DoRA magnitudes near the weight norms). Then, with the page
+cache dropped before each run (`sync; echo 3 > /proc/sys/vm/drop_caches`; the results say if
+that was refused), times each whole process and then a final `sync` (so written data is on disk),
+shown apart as well as summed:
   * `cp -r` of the base (the I/O floor), and a process that only imports torch, starts CUDA
     and imports triton (the start-up floor every torch tool pays on a cold cache),
-  * the reference: transformers `from_pretrained(device_map="cuda")` + PEFT `merge_and_unload`
-    + `save_pretrained`, for LoRA and for DoRA (--reference),
-  * `convert merge --device cuda`, for LoRA and for DoRA,
+  * `convert merge --device cuda`, for LoRA and DoRA on the bf16 base and on the NF4 base
+    (dequantized as it is read; the output is bf16),
+  * the reference (--reference): transformers `from_pretrained(device_map="cuda")` (then, for an
+    NF4 base, transformers' `dequantize()`, what a user does to get a 16-bit merged model) + PEFT
+    `merge_and_unload` + `save_pretrained`,
 and compares each convert output with its reference output (largest bf16 ulp over sampled
-tensors). Peak RSS is each process's own (wait4 of a vfork'ed child). With --kernels, the
-fused kernels' achieved bandwidth (bytes they must move / time) against `copy_` of the same
-bytes on the device, and their extra GPU memory. NF4 bases are not benchmarked yet: the
-pipeline has no 4-bit checkpoint reader on this branch.
+tensors). Peak RSS is each process's own: every command runs under a tiny fork wrapper (see
+`timed`), since a child started straight from this process (which holds CUDA and GBs) would
+inherit its high-water mark. For convert runs the results also split the wall time into merge()'s
+own seconds (from its summary line), the sync, and the rest (interpreter start-up and exit).
+With --kernels, the fused kernels' achieved bandwidth (bytes they must move / median time of
+`triton.testing.do_bench`, which flushes L2 between calls) against `copy_` of the same bytes on
+the device, for bf16 and NF4 bases, their extra GPU memory, and a sweep of the tile settings.
 """
 
 from __future__ import annotations
@@ -29,10 +39,14 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,6 +54,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from formats import bnb  # noqa: E402
 from formats.writer import PlannedTensor, ShardWriter  # noqa: E402
 
 SHAPES = {  # hidden, layers, intermediate, vocab, heads, kv heads
@@ -48,6 +63,17 @@ SHAPES = {  # hidden, layers, intermediate, vocab, heads, kv heads
 }
 RANK, ALPHA = 16, 32
 PROJS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+NF4 = bnb.QuantSpec("nf4", blocksize=64, double_quant=True, quant_storage="uint8")  # the CLI's --quantize nf4
+RUNS = ("cp", "startup", "lora", "dora", "nf4-lora", "nf4-dora")
+REFERENCES = {
+    "both": {"lora", "dora"},
+    "lora": {"lora"},
+    "nf4": {"nf4-lora"},
+    "none": set(),
+    "all": {"lora", "dora", "nf4-lora"},
+}
+
+Report = Callable[[str], None]
 
 STARTUP = "import torch; torch.zeros(1, device='cuda'); import triton"
 REFERENCE = """
@@ -58,6 +84,57 @@ model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16, 
 model = PeftModel.from_pretrained(model, sys.argv[2]).merge_and_unload()
 model.save_pretrained(sys.argv[3])
 """
+REFERENCE_NF4 = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+from safetensors.torch import save_file
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16, device_map="cuda").dequantize()
+model = PeftModel.from_pretrained(model, sys.argv[2]).merge_and_unload()
+# transformers 5.17's save_pretrained cannot save a dequantized model (NotImplementedError reverting the bnb weight
+# conversion); the tensors are what is compared, so they go to one safetensors file
+import os; os.makedirs(sys.argv[3], exist_ok=True)
+save_file({k: v.contiguous() for k, v in model.state_dict().items()}, sys.argv[3] + "/model.safetensors")
+"""
+# Runs argv[2:] as a grandchild of the benchmark and writes its peak RSS (KiB) to argv[1]. Started
+# with `python -S` it stays ~10 MB, so the high-water mark folded into the grandchild at exec is its own.
+RUSAGE_WRAPPER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+SUMMARY_SECONDS = re.compile(r" in ([0-9.]+) s, peak RSS")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One `convert merge` configuration of the table: which base, which adapter, which reference script."""
+
+    key: str  # the name --runs and --reference use
+    label: str
+    base: Path
+    adapter: Path
+    reference: str
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One timed process: its own wall seconds, the `sync` after it, its peak RSS and its output."""
+
+    process_s: float
+    sync_s: float
+    rss_bytes: int
+    output: str
+
+    @property
+    def total_s(self) -> float:
+        return self.process_s + self.sync_s
 
 
 def projections(shape: str) -> dict[str, tuple[int, int]]:
@@ -68,16 +145,9 @@ def projections(shape: str) -> dict[str, tuple[int, int]]:
     return dict(zip([f"self_attn.{p}" for p in PROJS[:4]] + [f"mlp.{p}" for p in PROJS[4:]], sizes, strict=True))
 
 
-def build(workdir: Path, shape: str) -> tuple[Path, Path, Path]:
-    """Base, LoRA and DoRA adapter directories, generated on the GPU (random bf16, not from_config)."""
-    from peft import LoraConfig
-    from transformers import LlamaConfig
-
-    base, lora, dora = workdir / "base", workdir / "lora", workdir / "dora"
-    if (dora / "adapter_config.json").exists():
-        return base, lora, dora
-    shutil.rmtree(workdir, ignore_errors=True)
-    hidden, layers, inter, vocab, heads, kv = SHAPES[shape]
+def base_tensors(shape: str) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of a Llama checkpoint, in the order transformers saves them."""
+    hidden, layers, _, vocab, _, _ = SHAPES[shape]
     proj = projections(shape)
     tensors: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
     for i in range(layers):
@@ -86,29 +156,75 @@ def build(workdir: Path, shape: str) -> tuple[Path, Path, Path]:
         tensors[f"model.layers.{i}.post_attention_layernorm.weight"] = (hidden,)
     tensors["model.norm.weight"] = (hidden,)
     tensors["lm_head.weight"] = (vocab, hidden)
-    gen = torch.Generator("cuda").manual_seed(0)
+    return tensors
+
+
+def quantized(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether the NF4 base holds this weight 4-bit: the project's rule with lm_head skipped, as transformers
+    (and `convert merge --quantize`) do; that leaves the 7 projections of each layer."""
+    return bnb.should_quantize(name, shape, "BF16", skip=["lm_head"])
+
+
+def nf4_plan(tensors: dict[str, tuple[int, ...]]) -> list[PlannedTensor]:
+    """The serialized tensors of the NF4 base: a quantized weight expands into packed data, absmax and state."""
+    planned: list[PlannedTensor] = []
+    for name, shape in tensors.items():
+        if quantized(name, shape):
+            planned += bnb.serialized_tensors(name, shape, "BF16", NF4)
+        else:
+            planned.append(PlannedTensor(name, "BF16", shape))
+    return planned
+
+
+def write_bases(base: Path, base_nf4: Path, shape: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Both bases in one loop, so each tensor is generated on the GPU once (and quantized there);
+    returns the row norms of the projections (the DoRA magnitudes are drawn near them)."""
+    tensors = base_tensors(shape)
     base.mkdir(parents=True)
-    norms: dict[str, torch.Tensor] = {}
+    base_nf4.mkdir(parents=True)
     writer = ShardWriter(base, [PlannedTensor(n, "BF16", s) for n, s in tensors.items()], 5 * 10**9)
+    writer_nf4 = ShardWriter(base_nf4, nf4_plan(tensors), 5 * 10**9)
+    norms: dict[str, torch.Tensor] = {}
     for name, s in tensors.items():
         t = torch.randn(s, generator=gen, device="cuda").mul_(1.0 if "norm" in name else 0.02).to(torch.bfloat16)
         if name.endswith("_proj.weight"):
             norms[name] = torch.linalg.norm(t.float(), dim=1).cpu()
-        writer.write(name, t.cpu())
+        host = t.cpu()
+        writer.write(name, host)
+        if quantized(name, s):
+            bnb.quantize_tensor(writer_nf4, name, t, NF4, chunk_elements=1 << 26)
+        else:
+            writer_nf4.write(name, host)
     writer.finish()
+    writer_nf4.finish()
+    return norms
+
+
+def write_configs(base: Path, base_nf4: Path, shape: str) -> None:
+    """The base's LlamaConfig; the NF4 base's is the same plus the quantization_config transformers writes."""
+    from transformers import LlamaConfig
+
+    hidden, layers, inter, vocab, heads, kv = SHAPES[shape]
     LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=False, dtype="bfloat16",
     ).save_pretrained(base)  # fmt: skip
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = bnb.quantization_config(NF4, "BF16")
+    (base_nf4 / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def write_adapters(lora: Path, dora: Path, shape: str, norms: dict[str, torch.Tensor], gen: torch.Generator) -> None:
+    """r=16 all-linear LoRA and DoRA adapters with the same A and B; DoRA magnitudes 0-10% above the norms."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
 
     adapter: dict[str, torch.Tensor] = {}
-    for i in range(layers):
-        for p, (out_f, in_f) in proj.items():
+    for i in range(SHAPES[shape][1]):
+        for p, (out_f, in_f) in projections(shape).items():
             key = f"base_model.model.model.layers.{i}.{p}"
             adapter[f"{key}.lora_A.weight"] = torch.randn(RANK, in_f, generator=gen, device="cuda").cpu() * 0.01
             adapter[f"{key}.lora_B.weight"] = torch.randn(out_f, RANK, generator=gen, device="cuda").cpu() * 0.01
-    from safetensors.torch import save_file
-
     for path, use_dora in ((lora, False), (dora, True)):
         state = dict(adapter)
         if use_dora:
@@ -121,7 +237,20 @@ def build(workdir: Path, shape: str) -> tuple[Path, Path, Path]:
             r=RANK, lora_alpha=ALPHA, target_modules=PROJS, use_dora=use_dora, task_type="CAUSAL_LM",
             base_model_name_or_path=f"synthetic-llama-{shape}",
         ).save_pretrained(path)  # fmt: skip
-    return base, lora, dora
+
+
+def build(workdir: Path, shape: str) -> tuple[Path, Path, Path, Path]:
+    """Base, NF4 base, LoRA and DoRA adapter directories, generated on the GPU (random bf16, not from_config).
+    Kept between runs: rebuilt only when one of them is missing."""
+    base, base_nf4, lora, dora = workdir / "base", workdir / "base-nf4", workdir / "lora", workdir / "dora"
+    if (dora / "adapter_config.json").exists() and (base_nf4 / "config.json").exists():
+        return base, base_nf4, lora, dora
+    shutil.rmtree(workdir, ignore_errors=True)
+    gen = torch.Generator("cuda").manual_seed(0)
+    norms = write_bases(base, base_nf4, shape, gen)
+    write_configs(base, base_nf4, shape)
+    write_adapters(lora, dora, shape, norms, gen)
+    return base, base_nf4, lora, dora
 
 
 def drop_caches() -> bool:
@@ -140,20 +269,32 @@ def cached_bytes() -> int:
     return -1
 
 
-def timed(cmd: list[str], out: Path | None) -> tuple[float, int, str]:
-    """Wall seconds (the process, then `sync`) and peak RSS of one whole process, started on a cold cache."""
+def timed(cmd: list[str], out: Path | None) -> Timing:
+    """Wall seconds of one whole process, then of a `sync`, and its peak RSS, started on a cold cache.
+
+    The command runs as a grandchild, under RUSAGE_WRAPPER (`python -S`, ~10 MB), which forks,
+    execs it, reads its ru_maxrss with wait4 and hands it back through a file. Started straight
+    from here it would report at least this process's RSS (CUDA context, GBs of tensors): at exec
+    Linux folds the old address space's RSS high-water mark into the process's maxrss, and with
+    vfork (subprocess's default) or fork that old address space is, or copies, this one. The
+    wrapper's start-up (tens of ms) counts in process_s.
+    """
     if out is not None:
         shutil.rmtree(out, ignore_errors=True)
     drop_caches()
+    with tempfile.NamedTemporaryFile("r", prefix="bench-rss-", suffix=".txt") as rss_file:
+        wrapper = [sys.executable, "-S", "-c", RUSAGE_WRAPPER, rss_file.name, *cmd]
+        start = time.perf_counter()
+        proc = subprocess.run(wrapper, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
+        process_s = time.perf_counter() - start
+        rss_kb = rss_file.read().strip()
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)  # vfork: fresh RSS
-    output = proc.stdout.read().decode()
-    _, status, usage = os.wait4(proc.pid, 0)
     subprocess.run(["sync"], check=True)
-    seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{output[-3000:]}")
-    return seconds, usage.ru_maxrss * 1024, output
+    sync_s = time.perf_counter() - start
+    output = proc.stdout.decode(errors="replace")
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{output[-3000:]}")
+    return Timing(process_s, sync_s, int(rss_kb) * 1024 if rss_kb else -1, output)
 
 
 def max_ulp(ours: Path, reference: Path, names: list[str]) -> int:
@@ -174,55 +315,65 @@ def max_ulp(ours: Path, reference: Path, names: list[str]) -> int:
     return worst
 
 
-def time_cuda(fn, repeat: int = 20) -> float:
-    """Median seconds of ``fn`` on the GPU, after one warm-up call (which also compiles)."""
+def kernel_seconds(fn: Callable[[], object]) -> float:
+    """Median seconds of ``fn`` on the GPU. do_bench flushes L2 before each call, so a kernel whose
+    operands would still be cached from the previous call cannot beat memory bandwidth."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median") / 1e3
+
+
+def extra_memory(fn: Callable[[], object]) -> int:
+    """GPU bytes ``fn`` allocates beyond what exists before it (one call, apart from the timing:
+    do_bench's own L2-flush buffer would count otherwise). The first call also compiles."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
     fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
+    return torch.cuda.max_memory_allocated() - before
 
 
-def bench_kernels(report) -> None:
+def bench_kernels(report: Report) -> None:
     """GB/s of the fused kernels (bytes they must move: read the base once, write the output once) vs copy_."""
     report("| kernel | shape | GB/s | % of copy | extra GPU memory / output size |")
     report("|---|---|---|---|---|")
     for M, N in ((14336, 4096), (4096, 14336), (4096, 4096)):
-        bench_shape(M, N, report, nf4=M == N)
+        bench_shape(M, N, report)
         torch.cuda.empty_cache()
     sweep_blocks(report)
 
 
-def sweep_blocks(report) -> None:
-    """Tile shapes and the product's form (tl.dot or rank-1 updates) of the LoRA kernel on the largest
-    Llama-8B weight, and the DoRA rows kernel's rows per program: the defaults should be the fastest."""
+def sweep_blocks(report: Report) -> None:
+    """Tile settings of the LoRA kernel (stripe height, column tile, warps) and of the DoRA rows kernel
+    (rows a program, column tile, warps) on the largest Llama-8B weight: the defaults in
+    convert/kernels/merge_triton.py should be the fastest."""
     from convert.kernels import merge_triton as mt
 
     M, N = 14336, 4096
     w = torch.randn(M, N, device="cuda").to(torch.bfloat16)
     L, R = torch.randn(M, RANK, device="cuda") * 0.01, torch.randn(RANK, N, device="cuda") * 0.01
     m = torch.rand(M, device="cuda") + 0.5
-    defaults = (mt.BLOCK_M, mt.BLOCK_N, mt.NUM_WARPS, mt.USE_DOT, mt.DORA_TILE, mt.DORA_WARPS)
+    lora_defaults = (mt.BLOCK_M, mt.BLOCK_N, mt.NUM_WARPS)
+    dora_defaults = (mt.DORA_ROWS, mt.DORA_BLOCK_N, mt.DORA_WARPS)
     found = []
-    for bm, bn, warps, dot in ((64, 128, 4, True), (64, 128, 4, False), (32, 256, 4, False), (64, 64, 4, True)):
-        mt.BLOCK_M, mt.BLOCK_N, mt.NUM_WARPS, mt.USE_DOT = bm, bn, warps, dot
-        lora = 4 * M * N / time_cuda(lambda: mt.merge_triton(w, L, R, 2.0, w.dtype, out=w)) / 1e9
-        found.append(f"LoRA {bm}x{bn}/{warps}w {'dot' if dot else 'rank-1'}: {lora:.0f} GB/s")
-    for tile in (4096, 8192, 16384):  # rows of 4096 run with 4 warps whatever DORA_WARPS says
-        mt.DORA_TILE = tile
-        dora = 4 * M * N / time_cuda(lambda: mt.merge_triton(w, L, R, 2.0, w.dtype, m, out=w)) / 1e9
-        found.append(f"DoRA rows {tile // N}/program: {dora:.0f} GB/s")
-    (mt.BLOCK_M, mt.BLOCK_N, mt.NUM_WARPS, mt.USE_DOT, mt.DORA_TILE, mt.DORA_WARPS) = defaults
+    try:
+        for bm, bn, warps in ((64, 64, 4), (32, 128, 4), (64, 128, 8), (32, 256, 4)):
+            mt.BLOCK_M, mt.BLOCK_N, mt.NUM_WARPS = bm, bn, warps
+            lora = 4 * M * N / kernel_seconds(lambda: mt.merge_triton(w, L, R, 2.0, w.dtype, out=w)) / 1e9
+            found.append(f"LoRA {bm}x{bn}/{warps}w: {lora:.0f} GB/s")
+        for rows, bn, warps in ((16, 256, 4), (16, 128, 4), (16, 512, 8), (32, 128, 4)):
+            mt.DORA_ROWS, mt.DORA_BLOCK_N, mt.DORA_WARPS = rows, bn, warps
+            dora = 4 * M * N / kernel_seconds(lambda: mt.merge_triton(w, L, R, 2.0, w.dtype, m, out=w)) / 1e9
+            found.append(f"DoRA {rows} rows x{bn}/{warps}w: {dora:.0f} GB/s")
+    finally:
+        mt.BLOCK_M, mt.BLOCK_N, mt.NUM_WARPS = lora_defaults
+        mt.DORA_ROWS, mt.DORA_BLOCK_N, mt.DORA_WARPS = dora_defaults
     report("- tile sweep (14336x4096 bf16): " + "; ".join(found))
 
 
-def bench_shape(M: int, N: int, report, nf4: bool) -> None:
+def bench_shape(M: int, N: int, report: Report) -> None:
+    """One weight shape: copy_ (the ceiling), the bf16 merges in place and to a new buffer, and the NF4 merges."""
     import bitsandbytes.functional as bnbf
 
     from convert.kernels import merge_triton as mt
@@ -232,8 +383,11 @@ def bench_shape(M: int, N: int, report, nf4: bool) -> None:
     m, mc = torch.rand(M, device="cuda") + 0.5, torch.rand(N, device="cuda") + 0.5
     size = w.numel() * 2
     dst = torch.empty_like(w)
-    copy_bw = 2 * size / time_cuda(lambda: dst.copy_(w)) / 1e9
+    copy_bw = 2 * size / kernel_seconds(lambda: dst.copy_(w)) / 1e9
     report(f"| copy_ (device to device) | {M}x{N} bf16 | {copy_bw:.0f} | 100% | - |")
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")  # on the GPU: w is there
+    q = mt.Packed4bit(packed, state.absmax.float(), 64, state.code.float(), (M, N), w.dtype)
+    nf4_bytes = q.packed.numel() * q.packed.element_size() + q.absmax.numel() * 4 + size
     cases = {
         "LoRA merge, in place": (lambda: mt.merge_triton(w, L, R, 2.0, w.dtype, out=w), 2 * size),
         "DoRA merge (row norms), in place": (lambda: mt.merge_triton(w, L, R, 2.0, w.dtype, m, out=w), 2 * size),
@@ -242,24 +396,128 @@ def bench_shape(M: int, N: int, report, nf4: bool) -> None:
             2 * size,
         ),
         "LoRA merge, new output": (lambda: mt.merge_triton(w, L, R, 2.0, w.dtype, out=dst), 2 * size),
+        "NF4 dequant + LoRA merge": (lambda: mt.merge_triton(q, L, R, 2.0, w.dtype, out=dst), nf4_bytes),
+        "NF4 dequant + DoRA merge": (lambda: mt.merge_triton(q, L, R, 2.0, w.dtype, m, out=dst), nf4_bytes),
+        "NF4 dequant pass, then LoRA merge in place": (
+            unfused(lambda: mt.merge_triton(q, L, R, 2.0, w.dtype, out=dst)),
+            nf4_bytes,
+        ),
     }
-    if nf4:  # bitsandbytes quantizes on the CPU here: one shape only
-        packed, state = bnbf.quantize_4bit(w.cpu(), blocksize=64, quant_type="nf4")
-        q = mt.Packed4bit(packed.cuda(), state.absmax.float().cuda(), 64, state.code.float().cuda(), (M, N), w.dtype)
-        cases["NF4 dequant + LoRA merge"] = (
-            lambda: mt.merge_triton(q, L, R, 2.0, w.dtype, out=dst),
-            size + size // 4 + q.absmax.numel() * 4,
-        )
     for name, (fn, nbytes) in cases.items():
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        bw = nbytes / time_cuda(fn) / 1e9
-        extra = torch.cuda.max_memory_allocated() - before
+        extra = extra_memory(fn)
+        bw = nbytes / kernel_seconds(fn) / 1e9
         report(f"| {name} | {M}x{N} bf16 | {bw:.0f} | {100 * bw / copy_bw:.0f}% | {extra / size:.3f} |")
 
 
-def main() -> None:
+def unfused(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` with the 4-bit base dequantized by a pass of its own (``FUSE_4BIT`` off), for comparison."""
+    from convert.kernels import merge_triton as mt
+
+    def run() -> None:
+        mt.FUSE_4BIT = False
+        try:
+            fn()
+        finally:
+            mt.FUSE_4BIT = True
+
+    return run
+
+
+def parse_runs(text: str) -> list[str]:
+    """--runs: 'all' or a comma-separated subset of RUNS (kept in RUNS' order)."""
+    if text == "all":
+        return list(RUNS)
+    wanted = {r.strip() for r in text.split(",") if r.strip()}
+    unknown = wanted - set(RUNS)
+    if unknown or not wanted:
+        raise argparse.ArgumentTypeError(f"expected 'all' or some of {','.join(RUNS)}; got {text!r}")
+    return [r for r in RUNS if r in wanted]
+
+
+def merge_seconds(output: str) -> float | None:
+    """merge()'s own seconds, from the summary line `merged ... to OUT in X s, peak RSS ...`."""
+    found = SUMMARY_SECONDS.findall(output)
+    return float(found[-1]) if found else None
+
+
+def ratio(seconds: float, cp_s: float | None) -> str:
+    return f"{seconds / cp_s:.2f}" if cp_s else "-"
+
+
+def row(name: str, t: Timing, cp_s: float | None, vs_ref: str = "-") -> str:
+    """A table row: total wall, the sync part of it, peak RSS, the wall in units of cp's."""
+    rss_gb = f"{t.rss_bytes / 1e9:.2f}" if t.rss_bytes >= 0 else "-"
+    return f"| {name} | {t.total_s:.2f} | {t.sync_s:.2f} | {rss_gb} | {ratio(t.total_s, cp_s)} | {vs_ref} | - |"
+
+
+def summary_comment(label: str, t: Timing) -> str:
+    """The convert run's own summary line, and where its wall time went: merge(), sync, the rest."""
+    lines = t.output.strip().splitlines()
+    inside = merge_seconds(t.output)
+    split = "merge()'s seconds not found in its output"
+    if inside is not None:
+        outside = t.total_s - inside - t.sync_s
+        split = f"in merge() {inside:.1f} s, sync {t.sync_s:.1f} s, outside merge() {outside:.1f} s (start-up + exit)"
+    return f"<!-- {label} summary: {lines[-1] if lines else ''}; {split} -->"
+
+
+def merge_runs(base: Path, base_nf4: Path, lora: Path, dora: Path) -> list[Run]:
+    return [
+        Run("lora", "LoRA", base, lora, REFERENCE),
+        Run("dora", "DoRA", base, dora, REFERENCE),
+        Run("nf4-lora", "NF4 LoRA", base_nf4, lora, REFERENCE_NF4),
+        Run("nf4-dora", "NF4 DoRA", base_nf4, dora, REFERENCE_NF4),
+    ]
+
+
+def run_merge(run: Run, args: argparse.Namespace, cp_s: float | None, sample: list[str], report: Report) -> dict:
+    """`convert merge --device cuda` for one configuration, then its reference when --reference selects it;
+    returns the wall seconds for the summary json."""
+    out, ref_out = args.workdir / "out", args.workdir / "ref"
+    cmd = [sys.executable, "-m", "convert.cli", "merge", "--base", str(run.base), "--adapter", str(run.adapter)]
+    t = timed([*cmd, "--out", str(out), "--device", "cuda"], out)
+    walls = {f"convert_{run.label.replace(' ', '_')}_s": t.total_s}
+    report(row(f"convert merge --device cuda, {run.label}", t, cp_s))
+    report(summary_comment(run.label, t))
+    if run.key in REFERENCES[args.reference]:
+        ref = timed([sys.executable, "-c", run.reference, str(run.base), str(run.adapter), str(ref_out)], ref_out)
+        walls[f"reference_{run.label.replace(' ', '_')}_s"] = ref.total_s
+        stack = "transformers dequantize() + PEFT" if run.reference == REFERENCE_NF4 else "transformers + PEFT"
+        report(row(f"reference {run.label} ({stack}, cuda)", ref, cp_s, vs_ref="1.00"))
+        ulp = max_ulp(out, ref_out, sample)
+        report(f"| convert {run.label} vs reference | | | | | {ref.total_s / t.total_s:.1f}x faster | {ulp} |")
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(ref_out, ignore_errors=True)
+    return walls
+
+
+def floors(runs: list[str], base: Path, workdir: Path, report: Report) -> float | None:
+    """The cp and start-up rows; the cp seconds (None when not run) are the table's unit."""
+    cp_s = None
+    if "cp" in runs:
+        out = workdir / "out"
+        t = timed(["cp", "-r", str(base), str(out)], out)
+        cp_s = t.total_s
+        report(row("cp -r + sync (I/O floor)", t, cp_s))
+        shutil.rmtree(out)
+    if "startup" in runs:
+        t = timed([sys.executable, "-c", STARTUP], None)
+        report(row("start-up floor: import torch, start CUDA, import triton", t, cp_s))
+    return cp_s
+
+
+def summary(walls: dict[str, float], cp_s: float | None, report: Report) -> None:
+    for prefix in ("", "NF4_"):
+        lora, dora = walls.get(f"convert_{prefix}LoRA_s"), walls.get(f"convert_{prefix}DoRA_s")
+        if lora and dora:
+            on = "the NF4 base" if prefix else "the bf16 base"
+            report(f"- DoRA adds {100 * (dora / lora - 1):+.0f}% to the LoRA merge's wall time on {on}")
+    cp_target = f"wall <= 1.25x cp ({1.25 * cp_s:.1f} s)" if cp_s else "wall <= 1.25x cp (cp not run)"
+    report(f"- targets: {cp_target}, >= 3x faster than the reference, RSS < 2 GB")
+    report("- " + json.dumps({"cp_s": cp_s, **walls}))
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=SHAPES, default="8b")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-gpu"))
@@ -267,9 +525,16 @@ def main() -> None:
     parser.add_argument("--also-to", type=Path, help="a second copy of the results, appended line by line")
     parser.add_argument("--kernels", action="store_true", help="also benchmark the kernels alone")
     parser.add_argument("--no-merge", action="store_true", help="only the kernels")
-    parser.add_argument("--reference", choices=["both", "lora", "none"], default="both",
-                        help="which adapters the (slow) transformers + PEFT reference also merges")  # fmt: skip
-    args = parser.parse_args()
+    parser.add_argument("--runs", type=parse_runs, default=list(RUNS),
+                        help=f"'all' (default) or a comma-separated subset of {','.join(RUNS)}")  # fmt: skip
+    parser.add_argument("--reference", choices=list(REFERENCES), default="both",
+                        help="which runs the (slow) transformers + PEFT reference also merges: both (lora, dora), "
+                             "lora, none, all (lora, dora, nf4-lora)")  # fmt: skip
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
 
     def report(line: str = "") -> None:
         print(line, flush=True)
@@ -286,46 +551,31 @@ def main() -> None:
     if args.no_merge:
         return
     started = time.perf_counter()
-    base, lora, dora = build(args.workdir, args.shape)
+    base, base_nf4, lora, dora = build(args.workdir, args.shape)
     size_gb = sum(f.stat().st_size for f in base.glob("*.safetensors")) / 1e9
-    report(f"Llama-{args.shape}-shaped bf16 base ({size_gb:.1f} GB), LoRA/DoRA r={RANK} all-linear; "
-           f"built in {time.perf_counter() - started:.0f} s")  # fmt: skip
-    before = cached_bytes()  # the base was just written: its pages are cached
+    nf4_gb = sum(f.stat().st_size for f in base_nf4.glob("*.safetensors")) / 1e9
+    report(f"Llama-{args.shape}-shaped bf16 base ({size_gb:.1f} GB) and its NF4 copy ({nf4_gb:.1f} GB), "
+           f"LoRA/DoRA r={RANK} all-linear; built in {time.perf_counter() - started:.0f} s")  # fmt: skip
+    before = cached_bytes()  # the bases were just written: their pages are cached
     dropped = drop_caches()
-    report(f"page cache dropped before each run: {'yes' if dropped else 'NO (not permitted)'} "
-           f"(Cached after writing the base {before / 1e9:.1f} GB, after dropping {cached_bytes() / 1e9:.1f} GB)")
+    report(
+        f"page cache dropped before each run: {'yes' if dropped else 'NO (not permitted)'} "
+        f"(Cached after writing the bases {before / 1e9:.1f} GB, after dropping {cached_bytes() / 1e9:.1f} GB)"
+    )
     report()
-    report("| run | wall s (process + sync) | peak RSS GB | vs cp | vs reference | max ulp vs reference |")
-    report("|---|---|---|---|---|---|")
-    out = args.workdir / "out"
-    ref_out = args.workdir / "ref"
-    cp_s, _, _ = timed(["cp", "-r", str(base), str(out)], out)
-    report(f"| cp -r + sync (I/O floor) | {cp_s:.2f} | - | 1.00 | - | - |")
-    shutil.rmtree(out)
-    start_s, start_rss, _ = timed([sys.executable, "-c", STARTUP], None)
-    report(f"| start-up floor: import torch, start CUDA, import triton | {start_s:.2f} | {start_rss / 1e9:.2f} | "
-           f"{start_s / cp_s:.2f} | - | - |")  # fmt: skip
+    report("| run | wall s (process + sync) | of which sync s | peak RSS GB | vs cp | vs reference "
+           "| max ulp vs reference |")  # fmt: skip
+    report("|---|---|---|---|---|---|---|")
+    cp_s = floors(args.runs, base, args.workdir, report)
     layers = SHAPES[args.shape][1]
     sample = [f"model.layers.{i}.{p}.weight" for i in (0, layers - 1) for p in projections(args.shape)]
     sample += ["model.embed_tokens.weight", "model.norm.weight"]
-    walls = {}
-    for kind, adapter in (("LoRA", lora), ("DoRA", dora)):
-        cmd = [sys.executable, "-m", "convert.cli", "merge", "--base", str(base), "--adapter", str(adapter)]
-        s, rss, output = timed([*cmd, "--out", str(out), "--device", "cuda"], out)
-        walls[kind] = s
-        report(f"| convert merge --device cuda, {kind} | {s:.2f} | {rss / 1e9:.2f} | {s / cp_s:.2f} | - | - |")
-        report(f"<!-- {kind} summary: {output.strip().splitlines()[-1] if output.strip() else ''} -->")
-        if args.reference == "both" or args.reference == kind.lower():
-            ref_s, ref_rss, _ = timed([sys.executable, "-c", REFERENCE, str(base), str(adapter), str(ref_out)], ref_out)
-            report(f"| reference {kind} (transformers + PEFT, cuda) | {ref_s:.2f} | {ref_rss / 1e9:.2f} | "
-                   f"{ref_s / cp_s:.2f} | 1.00 | - |")  # fmt: skip
-            report(f"| convert {kind} vs reference | | | | {ref_s / s:.1f}x faster | {max_ulp(out, ref_out, sample)} |")
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.rmtree(ref_out, ignore_errors=True)
+    walls: dict[str, float] = {}
+    for run in merge_runs(base, base_nf4, lora, dora):
+        if run.key in args.runs:
+            walls |= run_merge(run, args, cp_s, sample, report)
     report()
-    report(f"- DoRA adds {100 * (walls['DoRA'] / walls['LoRA'] - 1):+.0f}% to the LoRA merge's wall time")
-    report(f"- targets: wall <= 1.25x cp ({1.25 * cp_s:.1f} s), >= 3x faster than the reference, RSS < 2 GB")
-    report("- " + json.dumps({"cp_s": cp_s, **{f"convert_{k}_s": v for k, v in walls.items()}}))
+    summary(walls, cp_s, report)
     report()
 
 

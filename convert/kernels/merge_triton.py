@@ -1,18 +1,18 @@
 """Fused LoRA / DoRA merge of one weight (or a row chunk of it) on the GPU, and its torch reference.
 
 A merge moves bytes and does almost no arithmetic: ``W' = W + s * L @ R`` with ``L @ R``
-of rank 8-128. One Triton program loads a tile of the base (16/32-bit, or NF4/FP4 codes
-plus their fp32 absmax, dequantized in registers), computes the tile's ``L @ R`` with
-``tl.dot`` in IEEE fp32 (no TF32: PEFT's fp32 GEMM is the oracle), adds, casts and stores.
-No full-size fp32 temporary exists; with the same input and output dtype the write goes
-back into the base's own buffer, so a tensor needs no extra GPU memory at all.
+of rank 8-128. One Triton program walks a stripe of rows tile by tile: it loads a tile of the
+base (16/32-bit, or NF4/FP4 codes plus their fp32 absmax, dequantized in registers), computes
+the tile's ``L @ R`` with ``tl.dot`` in IEEE fp32 (no TF32: PEFT's fp32 GEMM is the oracle),
+adds, casts and stores. No full-size fp32 temporary exists; with the same input and output
+dtype the write goes back into the base's own buffer, so a tensor needs no extra GPU memory.
 
-DoRA (``W' = m / ||W + s*L@R|| * (W + s*L@R)``): along rows (``axis=1``, a Linear weight)
-one program holds one or two whole rows in registers (rows up to ``DORA_MAX_ROW``): it reads
-them once, takes their norms, writes them scaled, moving the same bytes as a LoRA merge.
-Along stored columns (``axis=0``: Conv1D / fan_in_fan_out / embeddings), or for wider rows, a
-first launch stores each tile's partial sums of squares (a ``1/BLOCK`` sized buffer, summed by
-torch in a fixed order, so the result is deterministic) and a second one writes the scaled tiles.
+DoRA (``W' = m / ||W + s*L@R|| * (W + s*L@R)``): along rows (``axis=1``, a Linear weight) one
+launch: each program walks its rows twice, for the norms and then for the scaled write, the
+second walk served from L2. Along stored columns (``axis=0``: Conv1D / fan_in_fan_out /
+embeddings) a first launch stores partial sums of squares per row stripe (a ``1/BLOCK_M``
+sized buffer, summed by torch in a fixed order, so the result is deterministic) and a second
+one writes the scaled tiles.
 
 ``L`` is ``(M, K)`` and ``R`` ``(K, N)``, both fp32 and contiguous: ``B`` rows and ``A`` for a
 Linear, ``A.T`` rows and ``B.T`` for a transposed weight. ``scale`` multiplies the product
@@ -27,11 +27,13 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 16  # the fastest of tools/bench_gpu_merge.py's sweep on an H100
-NUM_WARPS = 4
-USE_DOT = True  # tl.dot for the LoRA tile's product; False: rank-1 updates (the bench compares both)
-# DoRA rows kernel: elements per program, widest row (wider rows spill registers: two launches are faster)
-DORA_TILE, DORA_MAX_ROW, DORA_WARPS = 16384, 8192, 8
+# Tiles: the fastest of tools/bench_gpu_merge.py's sweep on an H100 (tools/results/bench_gpu_merge.md).
+BLOCK_M, BLOCK_N, BLOCK_K = 32, 128, 16  # a LoRA program's stripe height, its column tile, the rank step
+NUM_WARPS, NUM_STAGES = 4, 3
+PROGRAMS = 1024  # about this many programs a launch (column splits of the stripes), a few per SM
+DORA_ROWS, DORA_BLOCK_N, DORA_WARPS = 16, 256, 4  # DoRA rows kernel: rows a program, column tile
+PRECISION = "ieee"  # the tile product in plain fp32 FMAs, as PEFT's fp32 GEMM (no TF32)
+FUSE_4BIT = True  # 4-bit bases dequantized tile by tile inside the merge (else: a dequantize pass, then in place)
 
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
@@ -93,85 +95,122 @@ def _round(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _merged_tile(
-    w_ptr, absmax_ptr, code_ptr, L_ptr, R_ptr, rm, rn, M, N, K: tl.constexpr, scale,
-    QUANT: tl.constexpr, QBLOCK: tl.constexpr, DEQ_DTYPE: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr,
-):  # fmt: skip
-    """The fp32 tile ``W[rm, rn] + scale * (L @ R)[rm, rn]``, its mask and flat indices.
+def _product(
+    L_ptr, R_ptr, rm, cols, M, N, K: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr
+):
+    """``(L @ R)[rm, cols]`` in fp32: ``tl.dot`` over the rank in steps of BK (L's and R's small
+    tiles come from L1/L2)."""
+    acc = tl.zeros((BM, cols.shape[0]), dtype=tl.float32)
+    for k0 in tl.static_range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        lt = tl.load(L_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        rt = tl.load(R_ptr + rk[:, None] * N + cols[None, :], mask=(rk[:, None] < K) & (cols[None, :] < N), other=0.0)
+        acc += tl.dot(lt, rt, input_precision=PRECISION)
+    return acc
 
-    The product is ``tl.dot`` in IEEE fp32 (needs BM >= 16), or with USE_DOT off K rank-1
-    updates in registers, for tiles of a few whole rows."""
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    if USE_DOT:
-        for k0 in range(0, K, BK):
-            rk = k0 + tl.arange(0, BK)
-            lt = tl.load(L_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-            rt = tl.load(R_ptr + rk[:, None] * N + rn[None, :], mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0)
-            acc += tl.dot(lt, rt, input_precision="ieee")
-    else:
-        for k in range(K):
-            lk = tl.load(L_ptr + rm * K + k, mask=rm < M, other=0.0)
-            rk = tl.load(R_ptr + k * N + rn, mask=rn < N, other=0.0)
-            acc += lk[:, None] * rk[None, :]
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
-    idx = rm[:, None].to(tl.int64) * N + rn[None, :]
+
+@triton.jit
+def _merged_tile(
+    w_ptr, absmax_ptr, code_ptr, L_ptr, R_ptr, rm, n0, M, N, K: tl.constexpr, scale,
+    QUANT: tl.constexpr, QBLOCK: tl.constexpr, DEQ_DTYPE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, EVICT: tl.constexpr,
+):  # fmt: skip
+    """``W + scale * (L @ R)`` on the tile at rows ``rm``, columns ``n0 + [0, BN)`` (fp32, 0
+    outside the matrix).
+
+    A 4-bit base (rows of an even length, so each row starts on a byte) loads a [BM, BN / 2]
+    tile of bytes; each nibble is looked up in the 16-entry code (it stays in L1), multiplied by
+    its block's absmax and rounded to the dtype bitsandbytes dequantizes to, and the two halves
+    are interleaved back in registers. (Computing the product apart for even and odd columns,
+    to skip the interleave before the add, measured half as fast on an H100.)"""
+    product = _product(L_ptr, R_ptr, rm, n0 + tl.arange(0, BN), M, N, K, BM, BK, PRECISION)
     if QUANT:
-        byte = tl.load(w_ptr + idx // 2, mask=mask, other=0)
-        nibble = tl.where(idx % 2 == 0, byte >> 4, byte & 15).to(tl.int32)
-        w = tl.load(code_ptr + nibble, mask=mask, other=0.0) * tl.load(absmax_ptr + idx // QBLOCK, mask=mask, other=0.0)
-        w = _round(w, DEQ_DTYPE).to(tl.float32)
-    else:
-        w = tl.load(w_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    return w + acc * scale, mask, idx
+        pairs = n0 // 2 + tl.arange(0, BN // 2)
+        mask = (rm[:, None] < M) & (2 * pairs[None, :] < N)
+        at = rm[:, None].to(tl.int64) * (N // 2) + pairs[None, :]
+        byte = tl.load(w_ptr + at, mask=mask, other=0, eviction_policy=EVICT).to(tl.int32)
+        absmax = tl.load(absmax_ptr + 2 * at // QBLOCK, mask=mask, other=0.0)
+        high = tl.load(code_ptr + (byte >> 4)) * absmax
+        low = tl.load(code_ptr + (byte & 15)) * absmax
+        w = _round(tl.reshape(tl.join(high, low), (BM, BN)), DEQ_DTYPE).to(tl.float32)
+        return w + product * scale
+    rn = n0 + tl.arange(0, BN)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    w = tl.load(w_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], mask=mask, other=0.0, eviction_policy=EVICT)
+    return w.to(tl.float32) + product * scale
 
 
 @triton.jit
 def _lora_kernel(
-    w_ptr, absmax_ptr, code_ptr, L_ptr, R_ptr, factor_ptr, out_ptr, M, N, K: tl.constexpr, scale,
+    w_ptr, absmax_ptr, code_ptr, L_ptr, R_ptr, factor_ptr, out_ptr, M, N, K: tl.constexpr, scale, SPLIT,
     QUANT: tl.constexpr, QBLOCK: tl.constexpr, DEQ_DTYPE: tl.constexpr,
     NORMS: tl.constexpr, AXIS: tl.constexpr, SCALED: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """NORMS: store the tile's partial sums of squares along AXIS into out (fp32, one per row and
-    column block or column and row block). Otherwise: store the merged tile, times factor along
-    AXIS when SCALED, cast to out's dtype."""
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    """One program walks a stripe of BM rows, across its share (1 / SPLIT) of the column tiles:
+    the loop lets loads of the next tile overlap the arithmetic of this one.
+
+    NORMS: store the partial sums of squares along AXIS into out (fp32, one per row and split,
+    or per column and row stripe). Otherwise: store the merged tile, times factor along AXIS when
+    SCALED, rounded to out's dtype."""
+    pid_m, pid_s = tl.program_id(0), tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    t, mask, idx = _merged_tile(
-        w_ptr, absmax_ptr, code_ptr, L_ptr, R_ptr, rm, rn, M, N, K, scale, QUANT, QBLOCK, DEQ_DTYPE, BM, BN, BK, USE_DOT
-    )
-    if NORMS:
-        t = tl.where(mask, t, 0.0)
-        if AXIS == 1:
-            tl.store(out_ptr + rm.to(tl.int64) * tl.num_programs(1) + pid_n, tl.sum(t * t, axis=1), mask=rm < M)
-        else:
-            tl.store(out_ptr + pid_m.to(tl.int64) * N + rn, tl.sum(t * t, axis=0), mask=rn < N)
-    else:
-        if SCALED:
+    tiles = tl.cdiv(N, BN)
+    per_split = tl.cdiv(tiles, SPLIT)
+    squares = tl.zeros((BM,), dtype=tl.float32)
+    for tile in range(pid_s * per_split, tl.minimum(tiles, (pid_s + 1) * per_split)):
+        n0 = tile * BN
+        t = _merged_tile(
+            w_ptr, absmax_ptr, code_ptr, L_ptr, R_ptr, rm, n0, M, N, K, scale, QUANT, QBLOCK, DEQ_DTYPE,
+            BM, BN, BK, PRECISION, "",
+        )  # fmt: skip
+        rn = n0 + tl.arange(0, BN)
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        if NORMS:
+            t = tl.where(mask, t, 0.0)
             if AXIS == 1:
-                t = t * tl.load(factor_ptr + rm, mask=rm < M, other=0.0)[:, None]
+                squares += tl.sum(t * t, axis=1)
             else:
-                t = t * tl.load(factor_ptr + rn, mask=rn < N, other=0.0)[None, :]
-        tl.store(out_ptr + idx, _round(t, out_ptr.dtype.element_ty), mask=mask)
+                tl.store(out_ptr + pid_m.to(tl.int64) * N + rn, tl.sum(t * t, axis=0), mask=rn < N)
+        else:
+            if SCALED:
+                if AXIS == 1:
+                    t = t * tl.load(factor_ptr + rm, mask=rm < M, other=0.0)[:, None]
+                else:
+                    t = t * tl.load(factor_ptr + rn, mask=rn < N, other=0.0)[None, :]
+            idx = rm[:, None].to(tl.int64) * N + rn[None, :]
+            tl.store(out_ptr + idx, _round(t, out_ptr.dtype.element_ty), mask=mask)
+    if NORMS and AXIS == 1:
+        tl.store(out_ptr + rm.to(tl.int64) * SPLIT + pid_s, squares, mask=rm < M)
 
 
 @triton.jit
 def _dora_rows_kernel(
     w_ptr, absmax_ptr, code_ptr, L_ptr, R_ptr, m_ptr, out_ptr, M, N, K: tl.constexpr, scale,
-    QUANT: tl.constexpr, QBLOCK: tl.constexpr, DEQ_DTYPE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    QUANT: tl.constexpr, QBLOCK: tl.constexpr, DEQ_DTYPE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """DoRA on BM whole rows held in registers (BN >= N): one read, the norms, ``m / norm`` (IEEE
-    sqrt and divide), one write. The same bytes as a LoRA merge."""
+    """DoRA along rows in one launch: a program walks its BM whole rows twice, first for their
+    norms, then to write ``m / norm`` times the merged tiles (IEEE sqrt and divide). The first
+    walk asks L2 to keep the rows, so that the second finds part of them there."""
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
-    rn = tl.arange(0, BN)
-    t, mask, idx = _merged_tile(
-        w_ptr, absmax_ptr, code_ptr, L_ptr, R_ptr, rm, rn, M, N, K, scale, QUANT, QBLOCK, DEQ_DTYPE, BM, BN, 16, False
-    )
-    t = tl.where(mask, t, 0.0)
-    factor = tl.math.div_rn(tl.load(m_ptr + rm, mask=rm < M, other=1.0), tl.math.sqrt_rn(tl.sum(t * t, axis=1)))
-    tl.store(out_ptr + idx, _round(t * factor[:, None], out_ptr.dtype.element_ty), mask=mask)
+    squares = tl.zeros((BM,), dtype=tl.float32)
+    for n0 in range(0, N, BN):
+        t = _merged_tile(
+            w_ptr, absmax_ptr, code_ptr, L_ptr, R_ptr, rm, n0, M, N, K, scale, QUANT, QBLOCK, DEQ_DTYPE,
+            BM, BN, BK, PRECISION, "evict_last",
+        )  # fmt: skip
+        squares += tl.sum(t * t, axis=1)  # outside the matrix the tile is 0
+    factor = tl.math.div_rn(tl.load(m_ptr + rm, mask=rm < M, other=1.0), tl.math.sqrt_rn(squares))
+    for n0 in range(0, N, BN):
+        t = _merged_tile(
+            w_ptr, absmax_ptr, code_ptr, L_ptr, R_ptr, rm, n0, M, N, K, scale, QUANT, QBLOCK, DEQ_DTYPE,
+            BM, BN, BK, PRECISION, "evict_first",
+        )  # fmt: skip
+        rn = n0 + tl.arange(0, BN)
+        idx = rm[:, None].to(tl.int64) * N + rn[None, :]
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        tl.store(out_ptr + idx, _round(t * factor[:, None], out_ptr.dtype.element_ty), mask=mask)
 
 
 def _base_args(base: torch.Tensor | Packed4bit, dummy: torch.Tensor) -> dict:
@@ -182,23 +221,53 @@ def _base_args(base: torch.Tensor | Packed4bit, dummy: torch.Tensor) -> dict:
     return dict(w_ptr=base, absmax_ptr=dummy, code_ptr=dummy, QUANT=False, QBLOCK=1, DEQ_DTYPE=_TL_DTYPES[base.dtype])
 
 
-def _launch(base, L, R, scale, out, *, norms=False, axis=1, factor=None) -> None:
+def _rank_args(L: torch.Tensor) -> dict:
+    K = L.shape[1]
+    return dict(K=K, BK=min(BLOCK_K, max(16, triton.next_power_of_2(K))), PRECISION=PRECISION)
+
+
+def _splits(M: int, N: int) -> int:
+    """Column splits so that the stripes give the GPU about ``PROGRAMS`` programs in all."""
+    stripes, tiles = triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N)
+    return max(1, min(tiles, PROGRAMS // stripes))
+
+
+def _launch(base, L, R, scale, out, *, norms=False, axis=1, factor=None, split=None) -> None:
     M, N = base.shape
-    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
-    _lora_kernel[grid](
+    split = split or _splits(M, N)
+    _lora_kernel[(triton.cdiv(M, BLOCK_M), split)](
         **_base_args(base, L), L_ptr=L, R_ptr=R, factor_ptr=factor if factor is not None else L, out_ptr=out,
-        M=M, N=N, K=L.shape[1], scale=float(scale), NORMS=norms, AXIS=axis, SCALED=factor is not None,
-        BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, USE_DOT=USE_DOT, num_warps=NUM_WARPS,
+        M=M, N=N, scale=float(scale), SPLIT=split, NORMS=norms, AXIS=axis, SCALED=factor is not None,
+        BM=BLOCK_M, BN=BLOCK_N, **_rank_args(L), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip
 
 
 def norms_triton(base: torch.Tensor | Packed4bit, L: torch.Tensor, R: torch.Tensor, scale: float, axis: int):
-    """``||W + scale * L @ R||`` along ``axis`` (fp32), tile by tile: the merged weight never exists."""
+    """``||W + scale * L @ R||`` along ``axis`` (fp32), tile by tile: the merged weight never exists.
+    Partial sums go to a small buffer (one per row and split, or per column and row stripe) that
+    torch sums in a fixed order, so the result is deterministic."""
+    base = _dense_if_needed(base)
     M, N = base.shape
-    blocks = triton.cdiv(N, BLOCK_N) if axis == 1 else triton.cdiv(M, BLOCK_M)
-    partial = torch.empty((M, blocks) if axis == 1 else (blocks, N), dtype=torch.float32, device=L.device)
-    _launch(base, L, R, scale, partial, norms=True, axis=axis)
+    split = _splits(M, N) if axis == 1 else 1
+    shape = (M, split) if axis == 1 else (triton.cdiv(M, BLOCK_M), N)
+    partial = torch.empty(shape, dtype=torch.float32, device=L.device)
+    _launch(base, L, R, scale, partial, norms=True, axis=axis, split=split)
     return partial.sum(dim=1 if axis == 1 else 0).sqrt_()
+
+
+def _dense_if_needed(base: torch.Tensor | Packed4bit, out: torch.Tensor | None = None) -> torch.Tensor | Packed4bit:
+    """The fused 4-bit tile loader needs rows of whole bytes: a base with odd rows (any 4-bit base with
+    ``FUSE_4BIT`` off) is dequantized first, into ``out`` when that can hold it (the merge then runs in place)."""
+    if isinstance(base, Packed4bit) and (base.shape[1] % 2 or not FUSE_4BIT):
+        from convert.kernels import quant_triton
+
+        n = base.shape[0] * base.shape[1]
+        into = out.view(-1) if out is not None and out.dtype == base.dtype and out.is_contiguous() else None
+        code = "nf4" if base.code[0].item() == -1.0 else "fp4"
+        flat = quant_triton.dequantize_4bit(base.packed.reshape(-1), base.absmax, base.blocksize, code, n, base.dtype,
+                                            out=into)  # fmt: skip
+        return flat.view(base.shape)
+    return base
 
 
 def merge_triton(
@@ -212,15 +281,14 @@ def merge_triton(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The Triton twin of ``merge_reference``. ``out`` may be ``base`` itself (same dtype): merged in place."""
+    base = _dense_if_needed(base, out)
     if out is None:
         out = torch.empty(base.shape, dtype=out_dtype, device=L.device)
     M, N = base.shape
-    row = triton.next_power_of_2(N)
-    if magnitude is not None and axis == 1 and row <= DORA_MAX_ROW:
-        rows = max(1, DORA_TILE // row)
-        _dora_rows_kernel[(triton.cdiv(M, rows),)](
-            **_base_args(base, L), L_ptr=L, R_ptr=R, m_ptr=magnitude, out_ptr=out, M=M, N=N, K=L.shape[1],
-            scale=float(scale), BM=rows, BN=row, num_warps=DORA_WARPS if row >= 8192 else 4,
+    if magnitude is not None and axis == 1:
+        _dora_rows_kernel[(triton.cdiv(M, DORA_ROWS),)](
+            **_base_args(base, L), L_ptr=L, R_ptr=R, m_ptr=magnitude, out_ptr=out, M=M, N=N, scale=float(scale),
+            BM=DORA_ROWS, BN=DORA_BLOCK_N, **_rank_args(L), num_warps=DORA_WARPS, num_stages=NUM_STAGES,
         )  # fmt: skip
         return out
     factor = magnitude / norms_triton(base, L, R, scale, axis) if magnitude is not None else None

@@ -368,7 +368,7 @@ def dequantize_4bit(q: Quantized4bit, dtype: torch.dtype | None = None) -> torch
         from convert.kernels import quant_triton
 
         nested = None if q.nested_absmax is None else (q.nested_absmax, q.offset)
-        flat = q.packed.view(torch.uint8).view(-1)
+        flat = q.packed.view(-1) if q.packed.dtype == torch.uint8 else q.packed.view(torch.uint8).view(-1)
         n = math.prod(q.shape)
         return quant_triton.dequantize_4bit(
             flat, q.absmax, q.blocksize, q.quant_type, n, dtype or q.dtype, nested

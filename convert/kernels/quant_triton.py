@@ -19,21 +19,19 @@ import triton
 import triton.language as tl
 
 from convert.kernels import quant
+from convert.kernels.launch import FastLaunch
 
 # Globals a @triton.jit function reads must be tl.constexpr.
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
 N0, N1, N2, N3, N4, N5, N6, N7, N8, N9, N10, N11, N12, N13, N14 = (tl.constexpr(t) for t in quant.NF4_CUDA_THRESHOLDS)
 F0, F1, F2, F3, F4, F5, F6 = (tl.constexpr(t) for t in quant.FP4_CUDA_THRESHOLDS)
 # Tile shapes, the fastest of tools/bench_quant.py --tune on an H100 (tools/results/bench_quant.md).
-ELEMENTS_PER_PROGRAM = 4096
-QUANTIZE_WARPS = 16  # large matrices; below LARGE elements 8 warps measured faster (more programs in flight per SM)
-QUANTIZE_WARPS_SMALL = 8
-LARGE = 32 << 20
-DEQUANTIZE_WARPS = 8
+QUANTIZE_ELEMENTS, QUANTIZE_WARPS = 2048, 8  # elements a program, warps (fastest on 1024..14336 x 4096)
+DEQUANTIZE_ELEMENTS, DEQUANTIZE_WARPS = 4096, 8
 
 
 @functools.cache
-def _table(name: str, device: torch.device) -> torch.Tensor:
+def code_table(name: str, device: torch.device) -> torch.Tensor:
     """A code table on ``device``, copied there once (a host-to-device copy per call would cost more than a
     small matrix's whole dequantization)."""
     return {"nf4": quant.NF4_CODE, "fp4": quant.FP4_CODE_SIGNED, "dynamic": quant.DYNAMIC_CODE}[name].to(device)
@@ -121,8 +119,11 @@ def _quantize_4bit_kernel(
     tl.store(absmax_ptr + rows, absmax, mask=rows * BLOCKSIZE < n)
 
 
-def _blocks_per_program(blocksize: int) -> int:
-    return max(1, ELEMENTS_PER_PROGRAM // blocksize)
+_QUANTIZE_4BIT = FastLaunch(_quantize_4bit_kernel)
+
+
+def _blocks_per_program(blocksize: int, elements: int) -> int:
+    return max(1, elements // blocksize)
 
 
 def quantize_4bit(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,10 +134,10 @@ def quantize_4bit(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[tor
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
     if n:
-        blocks = _blocks_per_program(blocksize)
-        _quantize_4bit_kernel[(triton.cdiv(n_blocks, blocks),)](
-            x, packed, absmax, n, BLOCKSIZE=blocksize, BLOCKS=blocks, NF4=quant_type == "nf4", APPROX=x.is_cuda,
-            num_warps=QUANTIZE_WARPS if n >= LARGE else QUANTIZE_WARPS_SMALL,
+        blocks = _blocks_per_program(blocksize, QUANTIZE_ELEMENTS)
+        _QUANTIZE_4BIT(
+            (triton.cdiv(n_blocks, blocks),), x, packed, absmax, n, blocksize, blocks, quant_type == "nf4", x.is_cuda,
+            num_warps=QUANTIZE_WARPS,
         )  # fmt: skip
     return packed, absmax
 
@@ -170,6 +171,9 @@ def _dequantize_4bit_kernel(
     tl.store(out_ptr + offsets, values.to(out_ptr.dtype.element_ty), mask=offsets < n)
 
 
+_DEQUANTIZE_4BIT = FastLaunch(_dequantize_4bit_kernel)
+
+
 def dequantize_4bit(
     packed: torch.Tensor,
     absmax: torch.Tensor,
@@ -178,24 +182,28 @@ def dequantize_4bit(
     n: int,
     dtype: torch.dtype,
     nested: tuple[torch.Tensor, float | torch.Tensor] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Flat ``n`` values of ``dtype``; ``absmax`` is fp32, or uint8 with ``nested = (nested_absmax, offset)``.
+    ``out``: n contiguous values of ``dtype`` to write into, on CUDA (the caller's buffer).
 
     The offset is read by the kernel from device memory, so a 0-d device tensor needs no host round trip."""
-    out = torch.empty(n, dtype=_store_dtype(dtype, packed), device=packed.device)
+    if out is None or not packed.is_cuda:
+        out = torch.empty(n, dtype=_store_dtype(dtype, packed), device=packed.device)
     if not n:
         return out.to(dtype)
-    code = _table(quant_type, packed.device)
+    code = code_table(quant_type, packed.device)
     nested_absmax, offset = nested if nested is not None else (absmax, absmax)  # (unused pointers without nesting)
-    offset = torch.as_tensor(offset, dtype=torch.float32, device=packed.device).reshape(-1)
-    blocks = _blocks_per_program(blocksize)
+    if not isinstance(offset, torch.Tensor):
+        offset = torch.tensor([offset], dtype=torch.float32, device=packed.device)
+    blocks = _blocks_per_program(blocksize, DEQUANTIZE_ELEMENTS)
     options = {"enable_fp_fusion": False} if packed.is_cuda else {}
-    _dequantize_4bit_kernel[(triton.cdiv(triton.cdiv(n, blocksize), blocks),)](
-        packed.contiguous(), code, absmax.contiguous(), _table("dynamic", packed.device), nested_absmax.contiguous(),
-        offset, out, n,
-        BLOCKSIZE=blocksize, BLOCKS=blocks, NESTED=nested is not None, num_warps=DEQUANTIZE_WARPS, **options,
+    _DEQUANTIZE_4BIT(
+        (triton.cdiv(triton.cdiv(n, blocksize), blocks),), packed.contiguous(), code, absmax.contiguous(),
+        code_table("dynamic", packed.device), nested_absmax.contiguous(), offset, out, n,
+        blocksize, blocks, nested is not None, num_warps=DEQUANTIZE_WARPS, **options,
     )  # fmt: skip
-    return out.to(dtype)
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 def _store_dtype(dtype: torch.dtype, like: torch.Tensor) -> torch.dtype:
@@ -235,6 +243,9 @@ def _double_quantize_kernel(absmax_ptr, mean_ptr, code_ptr, q_ptr, nested_ptr, n
     tl.store(q_ptr + offsets, tl.where(x > val, go_up, go_down).to(tl.uint8), mask=mask)
 
 
+_DOUBLE_QUANTIZE = FastLaunch(_double_quantize_kernel)
+
+
 def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(uint8 absmax, nested absmax fp32, offset as a 0-d device tensor) of an fp32 absmax."""
     mean = absmax.mean()  # torch's reduction, as bitsandbytes: the offset's last bit follows its summation order
@@ -242,9 +253,8 @@ def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     q = torch.empty(n, dtype=torch.uint8, device=absmax.device)
     nested = torch.empty(triton.cdiv(n, 256), dtype=torch.float32, device=absmax.device)
     if n:
-        _double_quantize_kernel[(nested.numel(),)](
-            absmax.contiguous(), mean, _table("dynamic", absmax.device), q, nested, n, APPROX=absmax.is_cuda
-        )
+        dynamic = code_table("dynamic", absmax.device)
+        _DOUBLE_QUANTIZE((nested.numel(),), absmax.contiguous(), mean, dynamic, q, nested, n, absmax.is_cuda)
     return q, nested, mean
 
 
@@ -271,6 +281,9 @@ def _quantize_int8_kernel(x_ptr, q_ptr, scb_ptr, cols, BLOCK: tl.constexpr, CHUN
         tl.store(q_ptr + row * cols + c, tl.where(y != y, 0.0, rounded).to(tl.int8), mask=c < cols)
 
 
+_QUANTIZE_INT8 = FastLaunch(_quantize_int8_kernel)
+
+
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.contiguous()
     rows_view = x.view(-1, x.shape[-1])
@@ -280,9 +293,7 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cols = rows_view.shape[1]
         block = min(4096, triton.next_power_of_2(max(cols, 16)))
         options = {"enable_fp_fusion": False} if x.is_cuda else {}  # round x * scale, not an fma's exact product
-        _quantize_int8_kernel[(rows_view.shape[0],)](
-            x, q, scb, cols, BLOCK=block, CHUNKS=triton.cdiv(cols, block), APPROX=x.is_cuda, **options
-        )
+        _QUANTIZE_INT8((rows_view.shape[0],), x, q, scb, cols, block, triton.cdiv(cols, block), x.is_cuda, **options)
     return q, scb
 
 
@@ -298,12 +309,14 @@ def _dequantize_int8_kernel(q_ptr, scb_ptr, out_ptr, n, cols, BLOCK: tl.constexp
     tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+_DEQUANTIZE_INT8 = FastLaunch(_dequantize_int8_kernel)
+
+
 def dequantize_int8(q: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     q = q.contiguous()
     out = torch.empty(q.shape, dtype=_store_dtype(dtype, q), device=q.device)
     if q.numel():
         block = 4096
-        _dequantize_int8_kernel[(triton.cdiv(q.numel(), block),)](
-            q, scb.float().contiguous(), out, q.numel(), q.shape[-1], BLOCK=block
-        )
+        grid = (triton.cdiv(q.numel(), block),)
+        _DEQUANTIZE_INT8(grid, q, scb.float().contiguous(), out, q.numel(), q.shape[-1], block)
     return out.to(dtype)
