@@ -78,9 +78,9 @@ def run_checks(device: str) -> int:
     from convert.kernels import merge_triton as mt
 
     # the other launch shapes: several column tiles a stripe, split among programs, and a rank over one step
-    saved = mt.BLOCK_N, mt.DORA_BLOCK_N, mt.PROGRAMS
+    saved = mt.BLOCK_N, mt.PROGRAMS
     try:
-        mt.BLOCK_N, mt.DORA_BLOCK_N, mt.PROGRAMS = 16, 16, 4
+        mt.BLOCK_N, mt.PROGRAMS = 16, 4
         w = torch.randn(50, 70, generator=g).to(torch.bfloat16)
         L, R = torch.randn(50, 24, generator=g) * 0.1, torch.randn(24, 70, generator=g) * 0.1
         m = torch.rand(50, generator=g) + 0.5
@@ -91,9 +91,12 @@ def run_checks(device: str) -> int:
             assert_close_merge(ours.cpu(), ref, f"split column tiles, dora {mag is not None}")
             checked += 1
     finally:
-        mt.BLOCK_N, mt.DORA_BLOCK_N, mt.PROGRAMS = saved
-    cases = (("nf4", 100, True), ("fp4", 100, True), ("nf4", 99, True), ("fp4", 100, False))
-    for quant_type, cols, fused in cases:  # odd rows, or FUSE_4BIT off: dequantized first, then merged in place
+        mt.BLOCK_N, mt.PROGRAMS = saved
+    # rows of whole quantization blocks (the last column tile partly outside), of a partial block,
+    # odd rows, or FUSE_4BIT off (dequantized first, then merged in place)
+    cases = (("nf4", 192, True), ("fp4", 256, True), ("nf4", 100, True), ("fp4", 100, True), ("nf4", 99, True),
+             ("fp4", 100, False))  # fmt: skip
+    for quant_type, cols, fused in cases:
         mt.FUSE_4BIT = fused
         w = torch.randn(48, cols, generator=g).to(torch.bfloat16)
         q, expected = quantized(w, quant_type, device)
@@ -114,9 +117,9 @@ def test_kernels_in_triton_interpreter() -> None:
     code = "from tests.test_merge_triton import run_checks; print('checked', run_checks('cpu'))"
     done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "checked 15" in done.stdout
+    assert "checked 19" in done.stdout
 
 
 @cuda
 def test_kernels_on_cuda() -> None:
-    assert run_checks("cuda") == 15
+    assert run_checks("cuda") == 19

@@ -105,7 +105,7 @@ if pid == 0:
     os.execvp(sys.argv[2], sys.argv[2:])
 _, status, usage = os.wait4(pid, 0)
 with open(sys.argv[1], "w") as f:
-    f.write(str(usage.ru_maxrss))
+    f.write(f"{usage.ru_maxrss} {usage.ru_inblock}")
 code = os.waitstatus_to_exitcode(status)
 sys.exit(code if code >= 0 else 128 - code)
 """
@@ -125,11 +125,13 @@ class Run:
 
 @dataclass(frozen=True)
 class Timing:
-    """One timed process: its own wall seconds, the `sync` after it, its peak RSS and its output."""
+    """One timed process: its own wall seconds, the `sync` after it, its peak RSS, the bytes it read
+    from the disk (what the page cache did not hold) and its output."""
 
     process_s: float
     sync_s: float
     rss_bytes: int
+    read_bytes: int
     output: str
 
     @property
@@ -287,14 +289,14 @@ def timed(cmd: list[str], out: Path | None) -> Timing:
         start = time.perf_counter()
         proc = subprocess.run(wrapper, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
         process_s = time.perf_counter() - start
-        rss_kb = rss_file.read().strip()
+        rss_kb, _, blocks = rss_file.read().strip().partition(" ")
     start = time.perf_counter()
     subprocess.run(["sync"], check=True)
     sync_s = time.perf_counter() - start
     output = proc.stdout.decode(errors="replace")
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{output[-3000:]}")
-    return Timing(process_s, sync_s, int(rss_kb) * 1024 if rss_kb else -1, output)
+    return Timing(process_s, sync_s, int(rss_kb) * 1024 if rss_kb else -1, int(blocks) * 512 if blocks else -1, output)
 
 
 def max_ulp(ours: Path, reference: Path, names: list[str]) -> int:
@@ -345,31 +347,34 @@ def bench_kernels(report: Report) -> None:
 
 
 def sweep_blocks(report: Report) -> None:
-    """Tile settings of the LoRA kernel (stripe height, column tile, warps) and of the DoRA rows kernel
-    (rows a program, column tile, warps) on the largest Llama-8B weight: the defaults in
-    convert/kernels/merge_triton.py should be the fastest."""
+    """Tile settings (stripe height, column tile, warps) and programs a launch, for the LoRA, DoRA
+    and NF4 LoRA merges of the largest Llama-8B weight: the defaults in convert/kernels/merge_triton.py
+    should be the fastest."""
     from convert.kernels import merge_triton as mt
+    from convert.kernels import quant_triton
 
     M, N = 14336, 4096
     w = torch.randn(M, N, device="cuda").to(torch.bfloat16)
     L, R = torch.randn(M, RANK, device="cuda") * 0.01, torch.randn(RANK, N, device="cuda") * 0.01
     m = torch.rand(M, device="cuda") + 0.5
-    lora_defaults = (mt.BLOCK_M, mt.BLOCK_N, mt.NUM_WARPS)
-    dora_defaults = (mt.DORA_ROWS, mt.DORA_BLOCK_N, mt.DORA_WARPS)
+    packed, absmax = quant_triton.quantize_4bit(w, 64, "nf4")
+    q = mt.Packed4bit(packed, absmax, 64, quant_triton.code_table("nf4", w.device), (M, N), w.dtype)
+    dst = torch.empty_like(w)
+    defaults = (mt.BLOCK_M, mt.BLOCK_N, mt.NUM_WARPS, mt.PROGRAMS)
     found = []
     try:
-        for bm, bn, warps in ((64, 64, 4), (32, 128, 4), (64, 128, 8), (32, 256, 4)):
-            mt.BLOCK_M, mt.BLOCK_N, mt.NUM_WARPS = bm, bn, warps
+        for bm, bn, warps, programs in ((32, 128, 4, 1024), (64, 128, 4, 1024), (32, 256, 8, 1024),
+                                        (16, 128, 4, 1024), (32, 128, 4, 2048)):  # fmt: skip
+            mt.BLOCK_M, mt.BLOCK_N, mt.NUM_WARPS, mt.PROGRAMS = bm, bn, warps, programs
             lora = 4 * M * N / kernel_seconds(lambda: mt.merge_triton(w, L, R, 2.0, w.dtype, out=w)) / 1e9
-            found.append(f"LoRA {bm}x{bn}/{warps}w: {lora:.0f} GB/s")
-        for rows, bn, warps in ((16, 256, 4), (16, 128, 4), (16, 512, 8), (32, 128, 4)):
-            mt.DORA_ROWS, mt.DORA_BLOCK_N, mt.DORA_WARPS = rows, bn, warps
             dora = 4 * M * N / kernel_seconds(lambda: mt.merge_triton(w, L, R, 2.0, w.dtype, m, out=w)) / 1e9
-            found.append(f"DoRA {rows} rows x{bn}/{warps}w: {dora:.0f} GB/s")
+            nf4 = (2.5 * M * N + absmax.numel() * 4) / kernel_seconds(
+                lambda: mt.merge_triton(q, L, R, 2.0, w.dtype, out=dst)
+            )
+            found.append(f"{bm}x{bn}/{warps}w/{programs}p: LoRA {lora:.0f}, DoRA {dora:.0f}, NF4 LoRA {nf4 / 1e9:.0f}")
     finally:
-        mt.BLOCK_M, mt.BLOCK_N, mt.NUM_WARPS = lora_defaults
-        mt.DORA_ROWS, mt.DORA_BLOCK_N, mt.DORA_WARPS = dora_defaults
-    report("- tile sweep (14336x4096 bf16): " + "; ".join(found))
+        mt.BLOCK_M, mt.BLOCK_N, mt.NUM_WARPS, mt.PROGRAMS = defaults
+    report("- tile sweep (14336x4096 bf16, GB/s; stripe x column tile / warps / programs): " + "; ".join(found))
 
 
 def bench_shape(M: int, N: int, report: Report) -> None:
@@ -445,9 +450,11 @@ def ratio(seconds: float, cp_s: float | None) -> str:
 
 
 def row(name: str, t: Timing, cp_s: float | None, vs_ref: str = "-") -> str:
-    """A table row: total wall, the sync part of it, peak RSS, the wall in units of cp's."""
+    """A table row: total wall, the sync part of it, peak RSS, disk reads, the wall in units of cp's."""
     rss_gb = f"{t.rss_bytes / 1e9:.2f}" if t.rss_bytes >= 0 else "-"
-    return f"| {name} | {t.total_s:.2f} | {t.sync_s:.2f} | {rss_gb} | {ratio(t.total_s, cp_s)} | {vs_ref} | - |"
+    read_gb = f"{t.read_bytes / 1e9:.2f}" if t.read_bytes >= 0 else "-"
+    return (f"| {name} | {t.total_s:.2f} | {t.sync_s:.2f} | {rss_gb} | {read_gb} | {ratio(t.total_s, cp_s)} "
+            f"| {vs_ref} | - |")  # fmt: skip
 
 
 def summary_comment(label: str, t: Timing) -> str:
@@ -485,7 +492,7 @@ def run_merge(run: Run, args: argparse.Namespace, cp_s: float | None, sample: li
         stack = "transformers dequantize() + PEFT" if run.reference == REFERENCE_NF4 else "transformers + PEFT"
         report(row(f"reference {run.label} ({stack}, cuda)", ref, cp_s, vs_ref="1.00"))
         ulp = max_ulp(out, ref_out, sample)
-        report(f"| convert {run.label} vs reference | | | | | {ref.total_s / t.total_s:.1f}x faster | {ulp} |")
+        report(f"| convert {run.label} vs reference | | | | | | {ref.total_s / t.total_s:.1f}x faster | {ulp} |")
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(ref_out, ignore_errors=True)
     return walls
@@ -563,9 +570,9 @@ def main() -> None:
         f"(Cached after writing the bases {before / 1e9:.1f} GB, after dropping {cached_bytes() / 1e9:.1f} GB)"
     )
     report()
-    report("| run | wall s (process + sync) | of which sync s | peak RSS GB | vs cp | vs reference "
-           "| max ulp vs reference |")  # fmt: skip
-    report("|---|---|---|---|---|---|---|")
+    report("| run | wall s (process + sync) | of which sync s | peak RSS GB | read from disk GB | vs cp "
+           "| vs reference | max ulp vs reference |")  # fmt: skip
+    report("|---|---|---|---|---|---|---|---|")
     cp_s = floors(args.runs, base, args.workdir, report)
     layers = SHAPES[args.shape][1]
     sample = [f"model.layers.{i}.{p}.weight" for i in (0, layers - 1) for p in projections(args.shape)]

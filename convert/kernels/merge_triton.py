@@ -7,12 +7,17 @@ the tile's ``L @ R`` with ``tl.dot`` in IEEE fp32 (no TF32: PEFT's fp32 GEMM is 
 adds, casts and stores. No full-size fp32 temporary exists; with the same input and output
 dtype the write goes back into the base's own buffer, so a tensor needs no extra GPU memory.
 
-DoRA (``W' = m / ||W + s*L@R|| * (W + s*L@R)``): along rows (``axis=1``, a Linear weight) one
-launch: each program walks its rows twice, for the norms and then for the scaled write, the
-second walk served from L2. Along stored columns (``axis=0``: Conv1D / fan_in_fan_out /
-embeddings) a first launch stores partial sums of squares per row stripe (a ``1/BLOCK_M``
-sized buffer, summed by torch in a fixed order, so the result is deterministic) and a second
-one writes the scaled tiles.
+DoRA (``W' = m / ||W + s*L@R|| * (W + s*L@R)``) takes two launches of the same kernel: the
+first stores partial sums of squares of the merged tiles (per row and column split along rows,
+``axis=1``, a Linear weight; per column and row stripe along stored columns, ``axis=0``:
+Conv1D / fan_in_fan_out / embeddings), a small buffer summed in a fixed order, so the result is
+deterministic; the second writes the scaled tiles, walking the programs in reverse so that it
+starts on the tiles the first left in L2 (W is read twice: 3 bytes of traffic for each 2 of a
+LoRA merge).
+
+The product stays in fp32 FMAs: it is bit-identical to PEFT's fp32 GEMM here, where tensor-core
+products (Triton's ``tf32x3``) are only as accurate, and were no faster on an H100
+(tools/results/bench_gpu_merge.md).
 
 ``L`` is ``(M, K)`` and ``R`` ``(K, N)``, both fp32 and contiguous: ``B`` rows and ``A`` for a
 Linear, ``A.T`` rows and ``B.T`` for a transposed weight. ``scale`` multiplies the product
@@ -21,17 +26,19 @@ after it is rounded, as PEFT's ``(B @ A) * scaling``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from convert.kernels.launch import FastLaunch
+
 # Tiles: the fastest of tools/bench_gpu_merge.py's sweep on an H100 (tools/results/bench_gpu_merge.md).
 BLOCK_M, BLOCK_N, BLOCK_K = 32, 128, 16  # a LoRA program's stripe height, its column tile, the rank step
 NUM_WARPS, NUM_STAGES = 4, 3
-PROGRAMS = 1024  # about this many programs a launch (column splits of the stripes), a few per SM
-DORA_ROWS, DORA_BLOCK_N, DORA_WARPS = 16, 256, 4  # DoRA rows kernel: rows a program, column tile
+PROGRAMS = 2048  # about this many programs a launch (column splits of the stripes), a dozen or more per SM
 PRECISION = "ieee"  # the tile product in plain fp32 FMAs, as PEFT's fp32 GEMM (no TF32)
 FUSE_4BIT = True  # 4-bit bases dequantized tile by tile inside the merge (else: a dequantize pass, then in place)
 
@@ -83,11 +90,16 @@ def norms_reference(base: torch.Tensor | Packed4bit, L: torch.Tensor, R: torch.T
     return torch.linalg.norm(weight.float() + (L @ R) * scale, dim=axis)
 
 
+# Triton's interpreter (the CPU tests) truncates fp32 -> bf16, where the GPU rounds to nearest
+# even in one instruction: there the rounding is done on the bits. Its bf16 tl.dot is wrong too:
+# there the pieces are multiplied as fp32 (the same products, exact either way).
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
 @triton.jit
 def _round(x, DTYPE: tl.constexpr):
-    """fp32 -> DTYPE, rounding to nearest even. bf16 is rounded on the bits, because Triton's
-    interpreter truncates fp32 -> bf16 (the GPU rounds; the result is the same value either way)."""
-    if DTYPE == tl.bfloat16:
+    """fp32 -> DTYPE, rounding to nearest even (the same value on the GPU and in the interpreter)."""
+    if _INTERPRETED and DTYPE == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
@@ -110,120 +122,119 @@ def _product(
 
 
 @triton.jit
+def _dequantized_tile(
+    w_ptr, absmax_ptr, code_ptr, rm, n0, M, N, QBLOCK: tl.constexpr, DEQ_DTYPE: tl.constexpr,
+    WHOLE_BLOCKS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    """A [BM, BN] tile of a 4-bit base (rows of an even length, so each starts on a byte):
+    ``code[nibble] * absmax`` rounded to DEQ_DTYPE, as bitsandbytes dequantizes (fp32, 0 outside).
+
+    Each nibble is looked up in the 16-entry code (it stays in L1) and the two halves of the
+    bytes are interleaved back in registers. WHOLE_BLOCKS (rows and the column tile made of whole
+    quantization blocks): bytes loaded as [BM, BN / QBLOCK, QBLOCK / 2], one absmax load per
+    block, 1.8x faster on an H100 than the general path's absmax load per byte."""
+    if WHOLE_BLOCKS:
+        j = tl.arange(0, BN // QBLOCK)
+        first = rm[:, None].to(tl.int64) * N + n0 + j[None, :] * QBLOCK  # each block's first element
+        blocks = (rm[:, None] < M) & (n0 + j[None, :] * QBLOCK < N)
+        absmax = tl.load(absmax_ptr + first // QBLOCK, mask=blocks, other=0.0)[:, :, None]
+        at = first[:, :, None] // 2 + tl.arange(0, QBLOCK // 2)[None, None, :]
+        byte = tl.load(w_ptr + at, mask=blocks[:, :, None], other=0).to(tl.int32)
+    else:
+        pairs = n0 // 2 + tl.arange(0, BN // 2)
+        at = rm[:, None].to(tl.int64) * (N // 2) + pairs[None, :]
+        mask = (rm[:, None] < M) & (2 * pairs[None, :] < N)
+        byte = tl.load(w_ptr + at, mask=mask, other=0).to(tl.int32)
+        absmax = tl.load(absmax_ptr + 2 * at // QBLOCK, mask=mask, other=0.0)
+    high = tl.load(code_ptr + (byte >> 4)) * absmax
+    low = tl.load(code_ptr + (byte & 15)) * absmax
+    return _round(tl.reshape(tl.join(high, low), (BM, BN)), DEQ_DTYPE).to(tl.float32)
+
+
+@triton.jit
 def _merged_tile(
     w_ptr, absmax_ptr, code_ptr, L_ptr, R_ptr, rm, n0, M, N, K: tl.constexpr, scale,
-    QUANT: tl.constexpr, QBLOCK: tl.constexpr, DEQ_DTYPE: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, EVICT: tl.constexpr,
+    QUANT: tl.constexpr, QBLOCK: tl.constexpr, DEQ_DTYPE: tl.constexpr, WHOLE_BLOCKS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """``W + scale * (L @ R)`` on the tile at rows ``rm``, columns ``n0 + [0, BN)`` (fp32, 0
-    outside the matrix).
-
-    A 4-bit base (rows of an even length, so each row starts on a byte) loads a [BM, BN / 2]
-    tile of bytes; each nibble is looked up in the 16-entry code (it stays in L1), multiplied by
-    its block's absmax and rounded to the dtype bitsandbytes dequantizes to, and the two halves
-    are interleaved back in registers. (Computing the product apart for even and odd columns,
-    to skip the interleave before the add, measured half as fast on an H100.)"""
+    outside the matrix)."""
     product = _product(L_ptr, R_ptr, rm, n0 + tl.arange(0, BN), M, N, K, BM, BK, PRECISION)
     if QUANT:
-        pairs = n0 // 2 + tl.arange(0, BN // 2)
-        mask = (rm[:, None] < M) & (2 * pairs[None, :] < N)
-        at = rm[:, None].to(tl.int64) * (N // 2) + pairs[None, :]
-        byte = tl.load(w_ptr + at, mask=mask, other=0, eviction_policy=EVICT).to(tl.int32)
-        absmax = tl.load(absmax_ptr + 2 * at // QBLOCK, mask=mask, other=0.0)
-        high = tl.load(code_ptr + (byte >> 4)) * absmax
-        low = tl.load(code_ptr + (byte & 15)) * absmax
-        w = _round(tl.reshape(tl.join(high, low), (BM, BN)), DEQ_DTYPE).to(tl.float32)
+        w = _dequantized_tile(w_ptr, absmax_ptr, code_ptr, rm, n0, M, N, QBLOCK, DEQ_DTYPE, WHOLE_BLOCKS, BM, BN)
         return w + product * scale
     rn = n0 + tl.arange(0, BN)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
-    w = tl.load(w_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], mask=mask, other=0.0, eviction_policy=EVICT)
+    w = tl.load(w_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], mask=mask, other=0.0)
     return w.to(tl.float32) + product * scale
 
 
 @triton.jit
-def _lora_kernel(
-    w_ptr, absmax_ptr, code_ptr, L_ptr, R_ptr, factor_ptr, out_ptr, M, N, K: tl.constexpr, scale, SPLIT,
-    QUANT: tl.constexpr, QBLOCK: tl.constexpr, DEQ_DTYPE: tl.constexpr,
-    NORMS: tl.constexpr, AXIS: tl.constexpr, SCALED: tl.constexpr,
+def _merge_kernel(
+    w_ptr, absmax_ptr, code_ptr, L_ptr, R_ptr, factor_ptr, partial_ptr, out_ptr, M, N, K: tl.constexpr, scale,
+    SPLIT, QUANT: tl.constexpr, QBLOCK: tl.constexpr, DEQ_DTYPE: tl.constexpr, WHOLE_BLOCKS: tl.constexpr,
+    MODE: tl.constexpr, AXIS: tl.constexpr, REVERSE: tl.constexpr, SPLIT_P2: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One program walks a stripe of BM rows, across its share (1 / SPLIT) of the column tiles:
     the loop lets loads of the next tile overlap the arithmetic of this one.
 
-    NORMS: store the partial sums of squares along AXIS into out (fp32, one per row and split,
-    or per column and row stripe). Otherwise: store the merged tile, times factor along AXIS when
-    SCALED, rounded to out's dtype."""
+    MODE 0: store the merged tile, rounded to out's dtype. MODE 1: store its partial sums of
+    squares along AXIS into partial (fp32, one per row and split, or per column and row stripe).
+    MODE 2: store the merged tile times factor along AXIS. MODE 3 (DoRA along rows): times
+    ``factor / sqrt(sum of the row's partials)``, IEEE sqrt and divide. REVERSE walks the
+    programs in the opposite order, so that the first ones find in L2 what the previous launch
+    read last."""
     pid_m, pid_s = tl.program_id(0), tl.program_id(1)
+    if REVERSE:
+        pid_m, pid_s = tl.num_programs(0) - 1 - pid_m, tl.num_programs(1) - 1 - pid_s
     rm = pid_m * BM + tl.arange(0, BM)
     tiles = tl.cdiv(N, BN)
     per_split = tl.cdiv(tiles, SPLIT)
     squares = tl.zeros((BM,), dtype=tl.float32)
+    if MODE == 3:
+        s = tl.arange(0, SPLIT_P2)
+        at = partial_ptr + rm[:, None].to(tl.int64) * SPLIT + s[None, :]
+        partials = tl.load(at, mask=(rm[:, None] < M) & (s[None, :] < SPLIT), other=0.0)
+        norm = tl.math.sqrt_rn(tl.sum(partials, axis=1))
+        row_factor = tl.math.div_rn(tl.load(factor_ptr + rm, mask=rm < M, other=1.0), norm)
     for tile in range(pid_s * per_split, tl.minimum(tiles, (pid_s + 1) * per_split)):
         n0 = tile * BN
         t = _merged_tile(
             w_ptr, absmax_ptr, code_ptr, L_ptr, R_ptr, rm, n0, M, N, K, scale, QUANT, QBLOCK, DEQ_DTYPE,
-            BM, BN, BK, PRECISION, "",
+            WHOLE_BLOCKS, BM, BN, BK, PRECISION,
         )  # fmt: skip
         rn = n0 + tl.arange(0, BN)
         mask = (rm[:, None] < M) & (rn[None, :] < N)
-        if NORMS:
+        if MODE == 1:
             t = tl.where(mask, t, 0.0)
             if AXIS == 1:
                 squares += tl.sum(t * t, axis=1)
             else:
-                tl.store(out_ptr + pid_m.to(tl.int64) * N + rn, tl.sum(t * t, axis=0), mask=rn < N)
+                tl.store(partial_ptr + pid_m.to(tl.int64) * N + rn, tl.sum(t * t, axis=0), mask=rn < N)
         else:
-            if SCALED:
-                if AXIS == 1:
-                    t = t * tl.load(factor_ptr + rm, mask=rm < M, other=0.0)[:, None]
-                else:
-                    t = t * tl.load(factor_ptr + rn, mask=rn < N, other=0.0)[None, :]
+            if MODE == 2 and AXIS == 1:
+                t = t * tl.load(factor_ptr + rm, mask=rm < M, other=0.0)[:, None]
+            if MODE == 2 and AXIS == 0:
+                t = t * tl.load(factor_ptr + rn, mask=rn < N, other=0.0)[None, :]
+            if MODE == 3:
+                t = t * row_factor[:, None]
             idx = rm[:, None].to(tl.int64) * N + rn[None, :]
             tl.store(out_ptr + idx, _round(t, out_ptr.dtype.element_ty), mask=mask)
-    if NORMS and AXIS == 1:
-        tl.store(out_ptr + rm.to(tl.int64) * SPLIT + pid_s, squares, mask=rm < M)
+    if MODE == 1 and AXIS == 1:
+        tl.store(partial_ptr + rm.to(tl.int64) * SPLIT + pid_s, squares, mask=rm < M)
 
 
-@triton.jit
-def _dora_rows_kernel(
-    w_ptr, absmax_ptr, code_ptr, L_ptr, R_ptr, m_ptr, out_ptr, M, N, K: tl.constexpr, scale,
-    QUANT: tl.constexpr, QBLOCK: tl.constexpr, DEQ_DTYPE: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    """DoRA along rows in one launch: a program walks its BM whole rows twice, first for their
-    norms, then to write ``m / norm`` times the merged tiles (IEEE sqrt and divide). The first
-    walk asks L2 to keep the rows, so that the second finds part of them there."""
-    rm = tl.program_id(0) * BM + tl.arange(0, BM)
-    squares = tl.zeros((BM,), dtype=tl.float32)
-    for n0 in range(0, N, BN):
-        t = _merged_tile(
-            w_ptr, absmax_ptr, code_ptr, L_ptr, R_ptr, rm, n0, M, N, K, scale, QUANT, QBLOCK, DEQ_DTYPE,
-            BM, BN, BK, PRECISION, "evict_last",
-        )  # fmt: skip
-        squares += tl.sum(t * t, axis=1)  # outside the matrix the tile is 0
-    factor = tl.math.div_rn(tl.load(m_ptr + rm, mask=rm < M, other=1.0), tl.math.sqrt_rn(squares))
-    for n0 in range(0, N, BN):
-        t = _merged_tile(
-            w_ptr, absmax_ptr, code_ptr, L_ptr, R_ptr, rm, n0, M, N, K, scale, QUANT, QBLOCK, DEQ_DTYPE,
-            BM, BN, BK, PRECISION, "evict_first",
-        )  # fmt: skip
-        rn = n0 + tl.arange(0, BN)
-        idx = rm[:, None].to(tl.int64) * N + rn[None, :]
-        mask = (rm[:, None] < M) & (rn[None, :] < N)
-        tl.store(out_ptr + idx, _round(t * factor[:, None], out_ptr.dtype.element_ty), mask=mask)
+_MERGE = FastLaunch(_merge_kernel)
 
 
-def _base_args(base: torch.Tensor | Packed4bit, dummy: torch.Tensor) -> dict:
-    """The kernels' base pointers and switches; ``dummy`` stands for pointers never read."""
+def _base_args(base: torch.Tensor | Packed4bit, dummy: torch.Tensor) -> tuple[tuple, tuple]:
+    """(w_ptr, absmax_ptr, code_ptr) and (QUANT, QBLOCK, DEQ_DTYPE, WHOLE_BLOCKS); ``dummy`` stands
+    for pointers never read."""
     if isinstance(base, Packed4bit):
-        return dict(w_ptr=base.packed, absmax_ptr=base.absmax, code_ptr=base.code, QUANT=True,
-                    QBLOCK=base.blocksize, DEQ_DTYPE=_TL_DTYPES[base.dtype])  # fmt: skip
-    return dict(w_ptr=base, absmax_ptr=dummy, code_ptr=dummy, QUANT=False, QBLOCK=1, DEQ_DTYPE=_TL_DTYPES[base.dtype])
-
-
-def _rank_args(L: torch.Tensor) -> dict:
-    K = L.shape[1]
-    return dict(K=K, BK=min(BLOCK_K, max(16, triton.next_power_of_2(K))), PRECISION=PRECISION)
+        whole = base.shape[1] % base.blocksize == 0 and BLOCK_N % base.blocksize == 0
+        return (base.packed, base.absmax, base.code), (True, base.blocksize, _TL_DTYPES[base.dtype], whole)
+    return (base, dummy, dummy), (False, 1, _TL_DTYPES[base.dtype], False)
 
 
 def _splits(M: int, N: int) -> int:
@@ -232,26 +243,33 @@ def _splits(M: int, N: int) -> int:
     return max(1, min(tiles, PROGRAMS // stripes))
 
 
-def _launch(base, L, R, scale, out, *, norms=False, axis=1, factor=None, split=None) -> None:
+def _launch(base, L, R, scale, out, split, *, mode=0, axis=1, factor=None, partial=None, reverse=False) -> None:
+    """One launch of ``_merge_kernel``; ``L`` stands for the pointers a mode does not read."""
     M, N = base.shape
-    split = split or _splits(M, N)
-    _lora_kernel[(triton.cdiv(M, BLOCK_M), split)](
-        **_base_args(base, L), L_ptr=L, R_ptr=R, factor_ptr=factor if factor is not None else L, out_ptr=out,
-        M=M, N=N, scale=float(scale), SPLIT=split, NORMS=norms, AXIS=axis, SCALED=factor is not None,
-        BM=BLOCK_M, BN=BLOCK_N, **_rank_args(L), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    pointers, quant = _base_args(base, L)
+    K = L.shape[1]
+    BK = min(BLOCK_K, max(16, triton.next_power_of_2(K)))  # tl.dot takes at least 16
+    _MERGE(
+        (triton.cdiv(M, BLOCK_M), split),
+        *pointers, L, R, L if factor is None else factor, L if partial is None else partial, out, M, N, K,
+        float(scale), split, *quant, mode, axis, reverse, triton.next_power_of_2(split), BLOCK_M, BLOCK_N, BK,
+        PRECISION, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip
 
 
-def norms_triton(base: torch.Tensor | Packed4bit, L: torch.Tensor, R: torch.Tensor, scale: float, axis: int):
-    """``||W + scale * L @ R||`` along ``axis`` (fp32), tile by tile: the merged weight never exists.
-    Partial sums go to a small buffer (one per row and split, or per column and row stripe) that
-    torch sums in a fixed order, so the result is deterministic."""
-    base = _dense_if_needed(base)
+def _partials(base: torch.Tensor | Packed4bit, L, R, scale, axis: int, split: int) -> torch.Tensor:
+    """Sums of squares of ``W + scale * L @ R``: (M, split) along rows, (stripes, N) along columns."""
     M, N = base.shape
-    split = _splits(M, N) if axis == 1 else 1
     shape = (M, split) if axis == 1 else (triton.cdiv(M, BLOCK_M), N)
     partial = torch.empty(shape, dtype=torch.float32, device=L.device)
-    _launch(base, L, R, scale, partial, norms=True, axis=axis, split=split)
+    _launch(base, L, R, scale, L, split, mode=1, axis=axis, partial=partial)
+    return partial
+
+
+def norms_triton(base: torch.Tensor | Packed4bit, L: torch.Tensor, R: torch.Tensor, scale: float, axis: int):
+    """``||W + scale * L @ R||`` along ``axis`` (fp32), tile by tile: the merged weight never exists."""
+    base = _dense_if_needed(base)
+    partial = _partials(base, L, R, scale, axis, _splits(*base.shape))
     return partial.sum(dim=1 if axis == 1 else 0).sqrt_()
 
 
@@ -284,13 +302,13 @@ def merge_triton(
     base = _dense_if_needed(base, out)
     if out is None:
         out = torch.empty(base.shape, dtype=out_dtype, device=L.device)
-    M, N = base.shape
-    if magnitude is not None and axis == 1:
-        _dora_rows_kernel[(triton.cdiv(M, DORA_ROWS),)](
-            **_base_args(base, L), L_ptr=L, R_ptr=R, m_ptr=magnitude, out_ptr=out, M=M, N=N, scale=float(scale),
-            BM=DORA_ROWS, BN=DORA_BLOCK_N, **_rank_args(L), num_warps=DORA_WARPS, num_stages=NUM_STAGES,
-        )  # fmt: skip
-        return out
-    factor = magnitude / norms_triton(base, L, R, scale, axis) if magnitude is not None else None
-    _launch(base, L, R, scale, out, axis=axis, factor=factor)
+    split = _splits(*base.shape)
+    if magnitude is None:
+        _launch(base, L, R, scale, out, split)
+    elif axis == 1:  # the row factors are computed from the partials by the write launch itself
+        partial = _partials(base, L, R, scale, axis, split)
+        _launch(base, L, R, scale, out, split, mode=3, factor=magnitude, partial=partial, reverse=True)
+    else:
+        factor = magnitude / _partials(base, L, R, scale, axis, split).sum(dim=0).sqrt_()
+        _launch(base, L, R, scale, out, split, mode=2, axis=axis, factor=factor, reverse=True)
     return out
