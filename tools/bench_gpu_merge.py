@@ -2,7 +2,7 @@
 and the `cp` floor, and the fused kernels against a device-to-device copy, all in one run on the GPU machine.
 
     python tools/bench_gpu_merge.py [--shape 8b|1b] [--workdir /tmp/bench-gpu] [--kernels] [--no-merge]
-                                    [--runs all|cp,startup,lora,dora,nf4-lora,nf4-dora]
+                                    [--runs all|cp,startup,lora,dora,nf4-lora,nf4-dora,lora-no-readahead]
                                     [--reference both|lora|none|all]
                                     [--results tools/results/bench_gpu_merge.md] [--also-to $OUT/bench.md]
 
@@ -18,7 +18,8 @@ shown apart as well as summed:
   * `cp -r` of the base (the I/O floor), and a process that only imports torch, starts CUDA
     and imports triton (the start-up floor every torch tool pays on a cold cache),
   * `convert merge --device cuda`, for LoRA and DoRA on the bf16 base and on the NF4 base
-    (dequantized as it is read; the output is bf16),
+    (dequantized as it is read; the output is bf16), and LoRA again with the early read-ahead
+    off (CONVERT_READAHEAD=0, convert/readahead.py),
   * the reference (--reference): transformers `from_pretrained(device_map="cuda")` (then, for an
     NF4 base, transformers' `dequantize()`, what a user does to get a 16-bit merged model) + PEFT
     `merge_and_unload` + `save_pretrained`,
@@ -64,7 +65,7 @@ SHAPES = {  # hidden, layers, intermediate, vocab, heads, kv heads
 RANK, ALPHA = 16, 32
 PROJS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 NF4 = bnb.QuantSpec("nf4", blocksize=64, double_quant=True, quant_storage="uint8")  # the CLI's --quantize nf4
-RUNS = ("cp", "startup", "lora", "dora", "nf4-lora", "nf4-dora")
+RUNS = ("cp", "startup", "lora", "dora", "nf4-lora", "nf4-dora", "lora-no-readahead")
 REFERENCES = {
     "both": {"lora", "dora"},
     "lora": {"lora"},
@@ -121,6 +122,7 @@ class Run:
     base: Path
     adapter: Path
     reference: str
+    env: tuple[tuple[str, str], ...] = ()  # environment variables of the convert process
 
 
 @dataclass(frozen=True)
@@ -271,7 +273,7 @@ def cached_bytes() -> int:
     return -1
 
 
-def timed(cmd: list[str], out: Path | None) -> Timing:
+def timed(cmd: list[str], out: Path | None, env: tuple[tuple[str, str], ...] = ()) -> Timing:
     """Wall seconds of one whole process, then of a `sync`, and its peak RSS, started on a cold cache.
 
     The command runs as a grandchild, under RUSAGE_WRAPPER (`python -S`, ~10 MB), which forks,
@@ -287,7 +289,8 @@ def timed(cmd: list[str], out: Path | None) -> Timing:
     with tempfile.NamedTemporaryFile("r", prefix="bench-rss-", suffix=".txt") as rss_file:
         wrapper = [sys.executable, "-S", "-c", RUSAGE_WRAPPER, rss_file.name, *cmd]
         start = time.perf_counter()
-        proc = subprocess.run(wrapper, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.run(wrapper, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
+                              env={**os.environ, **dict(env)})  # fmt: skip
         process_s = time.perf_counter() - start
         rss_kb, _, blocks = rss_file.read().strip().partition(" ")
     start = time.perf_counter()
@@ -474,6 +477,7 @@ def merge_runs(base: Path, base_nf4: Path, lora: Path, dora: Path) -> list[Run]:
         Run("dora", "DoRA", base, dora, REFERENCE),
         Run("nf4-lora", "NF4 LoRA", base_nf4, lora, REFERENCE_NF4),
         Run("nf4-dora", "NF4 DoRA", base_nf4, dora, REFERENCE_NF4),
+        Run("lora-no-readahead", "LoRA no read-ahead", base, lora, REFERENCE, (("CONVERT_READAHEAD", "0"),)),
     ]
 
 
@@ -482,7 +486,7 @@ def run_merge(run: Run, args: argparse.Namespace, cp_s: float | None, sample: li
     returns the wall seconds for the summary json."""
     out, ref_out = args.workdir / "out", args.workdir / "ref"
     cmd = [sys.executable, "-m", "convert.cli", "merge", "--base", str(run.base), "--adapter", str(run.adapter)]
-    t = timed([*cmd, "--out", str(out), "--device", "cuda"], out)
+    t = timed([*cmd, "--out", str(out), "--device", "cuda"], out, run.env)
     walls = {f"convert_{run.label.replace(' ', '_')}_s": t.total_s}
     report(row(f"convert merge --device cuda, {run.label}", t, cp_s))
     report(summary_comment(run.label, t))
@@ -519,6 +523,10 @@ def summary(walls: dict[str, float], cp_s: float | None, report: Report) -> None
         if lora and dora:
             on = "the NF4 base" if prefix else "the bf16 base"
             report(f"- DoRA adds {100 * (dora / lora - 1):+.0f}% to the LoRA merge's wall time on {on}")
+    lora, without = walls.get("convert_LoRA_s"), walls.get("convert_LoRA_no_read-ahead_s")
+    if lora and without:
+        change = f"{100 * (lora / without - 1):+.0f}%"
+        report(f"- early read-ahead: LoRA {lora:.1f} s with it, {without:.1f} s without ({change})")
     cp_target = f"wall <= 1.25x cp ({1.25 * cp_s:.1f} s)" if cp_s else "wall <= 1.25x cp (cp not run)"
     report(f"- targets: {cp_target}, >= 3x faster than the reference, RSS < 2 GB")
     report("- " + json.dumps({"cp_s": cp_s, **walls}))

@@ -1,0 +1,99 @@
+"""The early read-ahead: which command lines start it, that it stays within its budget and never writes."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import sys
+
+import pytest
+
+import convert
+from convert import readahead
+
+
+@pytest.mark.parametrize(
+    ("argv", "orig_argv", "expected"),
+    [
+        (["/venv/bin/convert", "merge", "--base", "b", "--adapter", "a"], [], "b"),
+        (["/venv/bin/convert", "quantize", "--out", "o", "--base=b2"], [], "b2"),
+        (["-m", "merge", "--adapter", "a", "--base", "b"], ["python3", "-m", "convert.cli", "merge"], "b"),
+        (["/venv/bin/convert", "inspect", "--base", "b"], [], None),  # not a merge
+        (["/venv/bin/convert", "merge", "--base"], [], None),  # no value: click reports it
+        (["/venv/bin/pytest", "merge", "--base", "b"], ["python3", "/venv/bin/pytest"], None),  # not the CLI
+        (["-m", "merge", "--base", "b"], ["python3", "-m", "pytest", "merge"], None),
+        ([], [], None),
+    ],
+)
+def test_base_of_command_line(argv, orig_argv, expected):
+    assert readahead.base_of_command_line(argv, orig_argv) == expected
+
+
+def shard_files(tmp_path, sizes):
+    paths = []
+    for i, size in enumerate(sizes):
+        path = tmp_path / f"model-{i + 1:05d}-of-{len(sizes):05d}.safetensors"
+        path.write_bytes(os.urandom(size))
+        paths.append(path)
+    return paths
+
+
+def test_read_ahead_stays_within_budget_in_order_and_never_writes(tmp_path, monkeypatch):
+    paths = shard_files(tmp_path, [3 * readahead.STEP + 5, 2 * readahead.STEP])
+    digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+    reads: list[tuple[int, int, int]] = []
+    real = os.preadv
+
+    def counting(fd, buffers, offset):
+        n = real(fd, buffers, offset)
+        reads.append((os.fstat(fd).st_size, offset, n))
+        return n
+
+    monkeypatch.setattr(os, "preadv", counting)
+    budget = 3 * readahead.STEP + 5 + readahead.STEP // 2  # the first shard, then half a step of the second
+    readahead.read_ahead(paths, budget)
+    assert sum(n for _, _, n in reads) == budget
+    first = [r for r in reads if r[0] == paths[0].stat().st_size]
+    assert [offset for _, offset, _ in first] == [0, readahead.STEP, 2 * readahead.STEP, 3 * readahead.STEP]
+    assert reads[-1][1:] == (0, readahead.STEP // 2)  # the second shard, from its start
+    assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths] == digests
+
+
+def test_start_reads_shards_of_a_local_directory_only(tmp_path):
+    assert readahead.start("some-org/some-model") is None  # a Hub repo id: nothing local to read
+    assert readahead.start(str(tmp_path)) is None  # no shards
+    shard_files(tmp_path, [1000])
+    assert readahead.start(str(tmp_path), budget=0) is None
+    thread = readahead.start(str(tmp_path), budget=1 << 20)
+    assert thread is not None and thread.daemon
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+
+
+def test_missing_shard_ends_the_read_ahead_quietly(tmp_path):
+    readahead.read_ahead([tmp_path / "gone.safetensors"], 1 << 20)
+
+
+@pytest.fixture
+def recorded_starts(monkeypatch):
+    started: list[str] = []
+    monkeypatch.setattr(readahead, "start", lambda base, budget=None: started.append(base))
+    return started
+
+
+def test_importing_the_package_as_the_command_line_starts_it(tmp_path, monkeypatch, recorded_starts):
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/convert", "merge", "--base", str(tmp_path)])
+    monkeypatch.delenv("CONVERT_READAHEAD", raising=False)
+    importlib.reload(convert)
+    assert recorded_starts == [str(tmp_path)]
+    monkeypatch.setenv("CONVERT_READAHEAD", "0")
+    importlib.reload(convert)
+    assert recorded_starts == [str(tmp_path)]  # turned off
+
+
+def test_importing_the_package_as_a_library_does_not(monkeypatch, recorded_starts):
+    monkeypatch.delenv("CONVERT_READAHEAD", raising=False)
+    importlib.reload(convert)  # under pytest: argv is pytest's
+    assert recorded_starts == []
+    assert convert.merge.__name__ == "merge"  # the public API is still the function
