@@ -75,7 +75,7 @@ def packed_4bit(out: OutputTensor, chunk_rows: int) -> bnb.Packed4bit | None:
     """The 4-bit weight whose codes go to the GPU as they are stored (dequantized by the merge kernel), when
     every row chunk starts on a quantization block and rows are whole bytes; else None (the reader then
     dequantizes on the CPU)."""
-    q = out.source.quantized
+    q = out.source.layout
     cols = math.prod(out.shape[1:])
     if isinstance(q, bnb.Packed4bit) and cols % 2 == 0 and chunk_rows * cols % q.blocksize == 0:
         return q
@@ -171,7 +171,7 @@ def prefetch(jobs: list[Work]) -> threading.Thread:
         for job in jobs:
             info = job.out.source
             length = (job.stop - job.start) * info.row_bytes
-            if info.mapped is not None or info.quantized is not None or budget < length:
+            if not info.stored_as_is or budget < length:
                 continue
             try:
                 fd = os.open(info.path, os.O_RDONLY)
@@ -252,7 +252,7 @@ def run_device(
                 slot.host[: layout.packed_bytes].copy_(bnb.read_bytes(q.packed, e0 // 2, e0 // 2 + layout.packed_bytes))
                 absmax = q.block_absmax(e0 // q.blocksize, e0 // q.blocksize + layout.blocks)
                 slot.host[layout.absmax_at : layout.nbytes].view(torch.float32).copy_(absmax)
-            elif source.quantized is None:
+            elif source.layout is None:
                 read_tensor(source, job.start, job.stop, slot.host)
             else:  # dequantized by its reader, into memory of its own
                 rows = read_tensor(source, job.start, job.stop)

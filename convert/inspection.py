@@ -57,8 +57,8 @@ def describe_model(ckpt: Checkpoint, where: str) -> dict:
     (``formats.bnb`` folds its packed data and quant state into one tensor of the original shape)."""
     infos = list(ckpt.tensors.values())
     numel = {t.name: math.prod(t.shape) for t in infos}
-    four_bit = Counter(t.quantized.quant_type for t in infos if isinstance(t.quantized, bnb.Packed4bit))
-    eight_bit = sum(isinstance(t.quantized, bnb.Int8Rows) for t in infos)
+    four_bit = Counter(t.layout.quant_type for t in infos if isinstance(t.layout, bnb.Packed4bit))
+    eight_bit = sum(isinstance(t.layout, bnb.Int8Rows) for t in infos)
     quant_config = ckpt.config.get("quantization_config")
     quantization = None
     if four_bit or eight_bit or quant_config:
@@ -86,7 +86,7 @@ def describe_model(ckpt: Checkpoint, where: str) -> dict:
 
 def stored_file(info: TensorInfo) -> Path:
     """The file a (possibly quantized) tensor's data lives in."""
-    quantized = info.quantized
+    quantized = info.layout
     return quantized.packed.path if isinstance(quantized, bnb.Packed4bit) else info.path
 
 

@@ -45,7 +45,7 @@ class OutputTensor:
     @property
     def byte_copy(self) -> bool:
         """Untouched and same dtype: copied file-to-file without decoding."""
-        plain = self.source.mapped is None and self.source.quantized is None and self.quant is None
+        plain = self.source.stored_as_is and self.quant is None
         return self.delta is None and self.dtype == self.source.dtype and plain
 
 

@@ -63,7 +63,7 @@ def merge_into_dequantized(plan: Plan, spec: bnb.QuantSpec, config: dict, device
     tensors = []
     for t in plan.tensors:
         source = t.source
-        if source.quantized is None and bnb.should_quantize(t.name, source.shape, source.dtype, skip):
+        if source.layout is None and bnb.should_quantize(t.name, source.shape, source.dtype, skip):
             source = bnb.logical(source.name, source.dtype, source.shape, source, RoundTrip(source, spec, device))
         tensors.append(replace(t, source=source))
     return Plan(tensors, plan.dtype, plan.config_updates)

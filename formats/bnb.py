@@ -135,7 +135,7 @@ def is_quantized(tensors: dict[str, TensorInfo]) -> bool:
 
 
 def group_quantized(tensors: dict[str, TensorInfo], config: dict) -> dict[str, TensorInfo]:
-    """Fold every quantized module's tensors into one logical tensor (``TensorInfo.quantized`` set).
+    """Fold every quantized module's tensors into one logical tensor (``TensorInfo.layout`` set).
 
     Every inconsistency is a ``ConvertError`` naming the file and tensor: a wrong quant state
     would otherwise dequantize into a silently wrong model.
@@ -220,7 +220,7 @@ def _int8_tensor(key: str, weight: TensorInfo, tensors: dict[str, TensorInfo], d
 
 def logical(name: str, dtype: str, shape: tuple[int, ...], stored: TensorInfo, source: object) -> TensorInfo:
     nbytes = math.prod(shape) * DTYPES[dtype].itemsize
-    return TensorInfo(name, dtype, tuple(shape), stored.path, stored.offset, nbytes, quantized=source)
+    return TensorInfo(name, dtype, tuple(shape), stored.path, stored.offset, nbytes, layout=source)
 
 
 def _4bit_tensor(key: str, packed: TensorInfo, parts: dict[str, TensorInfo]) -> TensorInfo:
@@ -315,10 +315,10 @@ def spec_of(tensors: dict[str, TensorInfo], config: dict) -> QuantSpec | None:
     qconfig = config.get("quantization_config") or {}
     skip = tuple(qconfig.get("llm_int8_skip_modules") or ())
     for info in tensors.values():
-        if isinstance(info.quantized, Int8Rows):
+        if isinstance(info.layout, Int8Rows):
             return QuantSpec("int8", skip_modules=skip)
-        if isinstance(info.quantized, Packed4bit):
-            q = info.quantized
+        if isinstance(info.layout, Packed4bit):
+            q = info.layout
             storage = qconfig.get("bnb_4bit_quant_storage", "uint8")
             compute = qconfig.get("bnb_4bit_compute_dtype", "auto")
             return QuantSpec(q.quant_type, q.blocksize, q.nested_absmax is not None, storage, compute, skip)

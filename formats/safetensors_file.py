@@ -70,9 +70,17 @@ class TensorInfo:
     # loaded with mmap): reads slice this instead of the file, and bytes cannot be
     # copied file-to-file.
     mapped: torch.Tensor | None = field(default=None, compare=False, repr=False)
-    # Set for a bitsandbytes-quantized weight (``formats.bnb``): an object whose ``read_rows(start, stop)``
+    # Set for a quantized weight (``formats.bnb``): the layout of its stored parts, whose ``read_rows(start, stop)``
     # dequantizes those rows; the stored bytes are not this tensor's, so they are never copied.
-    quantized: object | None = field(default=None, compare=False, repr=False)
+    layout: object | None = field(default=None, compare=False, repr=False)
+    # Set for a tensor whose bytes are spread over several places (a training checkpoint's rank files): an
+    # object whose ``read_rows(start, stop, buffer)`` assembles those rows; never copied file to file either.
+    reader: object | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def stored_as_is(self) -> bool:
+        """Whether the tensor's bytes lie as they are at ``offset`` of ``path`` (so may be copied file to file)."""
+        return self.mapped is None and self.layout is None and self.reader is None
 
     @property
     def rows(self) -> int:
@@ -182,8 +190,10 @@ def read_tensor(
     """Read rows [row_start, row_stop) of a tensor into ``buffer`` (a uint8 CPU tensor, reused by callers
     that read many chunks) or a new tensor; never an mmap, so nothing stays resident afterwards."""
     row_stop = info.rows if row_stop is None else row_stop
-    if info.quantized is not None:
-        return info.quantized.read_rows(row_start, row_stop, buffer)
+    if info.layout is not None:
+        return info.layout.read_rows(row_start, row_stop, buffer)
+    if info.reader is not None:
+        return info.reader.read_rows(row_start, row_stop, buffer)
     if info.mapped is not None:
         rows = info.mapped[row_start:row_stop] if info.shape else info.mapped
         return rows.clone() if buffer is None else _into(buffer, rows)

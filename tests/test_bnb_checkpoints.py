@@ -103,7 +103,7 @@ def test_reader_dequantizes_like_bitsandbytes(kind, models, monkeypatch) -> None
     ckpt = open_checkpoint(models[kind])
     stored = load_output(models[kind])
     assert not any(k.endswith((".absmax", ".SCB", ".weight_format")) or "quant_state" in k for k in ckpt.tensors)
-    quantized = [n for n, t in ckpt.tensors.items() if t.quantized is not None]
+    quantized = [n for n, t in ckpt.tensors.items() if t.layout is not None]
     assert len(quantized) == 14 and "lm_head.weight" not in quantized
     for name in quantized:
         info = ckpt.tensors[name]
@@ -124,7 +124,7 @@ def test_int8_without_weight_format(models, tmp_path) -> None:
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
     (tmp_path / "config.json").write_text((models["int8"] / "config.json").read_text())
     old, new = open_checkpoint(tmp_path).tensors, open_checkpoint(models["int8"]).tensors
-    assert old.keys() == new.keys() and sum(t.quantized is not None for t in old.values()) == 14
+    assert old.keys() == new.keys() and sum(t.layout is not None for t in old.values()) == 14
     assert all(torch.equal(read_tensor(old[k]), read_tensor(new[k])) for k in old)
 
 
@@ -443,5 +443,5 @@ def test_4bit_codes_go_to_the_gpu_only_in_whole_blocks(models) -> None:
     jobs = gpu_jobs(adapted, 16 * 128)  # chunks of 16 rows of 64 or of 128 values: whole blocks of 64
     assert all(isinstance(q, bnb_format.Packed4bit) for _, q in jobs)
     q, t = jobs[0][1], adapted[0]
-    misaligned = replace(t, source=replace(t.source, quantized=replace(q, blocksize=4096)))
+    misaligned = replace(t, source=replace(t.source, layout=replace(q, blocksize=4096)))
     assert packed_4bit(t, 16) is q and packed_4bit(misaligned, 16) is None  # 16 x 64 values: not whole 4096-blocks
