@@ -14,7 +14,7 @@ readahead.start_for_command_line(sys.argv, getattr(sys, "orig_argv", []))
 # torch warns on import when numpy is missing; the tool does not use numpy, so the warning is noise.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
-from convert.merge import MergeResult, merge  # noqa: E402
+from convert.commands.merge import MergeResult, merge  # noqa: E402
 from formats.errors import ConvertError  # noqa: E402
 
 __all__ = ["ConvertError", "MergeResult", "merge"]

@@ -7,9 +7,9 @@ import sys
 
 import click
 
-from convert.hub_options import hub_options
-from convert.merge import merge
-from convert.pipeline import DEFAULT_CHUNK_BYTES
+from convert.cli_options import hub_options
+from convert.commands.merge import merge
+from convert.execute.cpu import DEFAULT_CHUNK_BYTES
 from formats.errors import ConvertError
 
 
@@ -198,7 +198,7 @@ def quantize_command(base, out, device, max_shard_size, overwrite, quiet, quanti
 def inspect_command(path, as_json, revision, token) -> None:
     """Describe a model or adapter (directory or Hub repo id): format, dtypes, parameters, quantization,
     shards, LoRA settings."""
-    from convert.inspection import describe, render
+    from convert.commands.inspect import describe, render
 
     try:
         info = describe(path, revision, token)
@@ -219,7 +219,7 @@ def inspect_command(path, as_json, revision, token) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, for scripts.")
 def verify_command(base, adapter, merged, sample, seed, atol, device, as_json) -> None:
     """Recompute merged tensors from base + adapter and compare them with a merged model (exit 1 on mismatch)."""
-    from convert.verify import render, verify
+    from convert.commands.verify import render, verify
 
     try:
         report = verify(base, adapter, merged, sample=sample, seed=seed, atol=atol, device=device)
@@ -268,7 +268,7 @@ def verify_command(base, adapter, merged, sample, seed, atol, device, as_json) -
 @hub_options
 def loftq_init_command(base, out, target_modules, quiet, **options) -> None:
     """Quantize a base to 4 bits and initialize a LoRA adapter with LoftQ, streamed, on the GPU if present."""
-    from convert.loftq_init import loftq_init
+    from convert.commands.loftq_init import loftq_init
 
     targets = target_modules if target_modules == "all-linear" else [t for t in target_modules.split(",") if t]
     try:

@@ -11,7 +11,7 @@ then one of
 * ``<module>.base_layer.<param>`` (embedding layers saved with ``save_embedding_layers``),
 * ``<module>.<param>`` (a ``modules_to_save`` copy, or a trained bias).
 
-This module only splits the keys; what they mean for a merge is ``convert.lora``.
+This module only splits the keys; what they mean for a merge is ``convert.plan.lora``.
 """
 
 from __future__ import annotations

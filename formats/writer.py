@@ -96,7 +96,7 @@ class ShardWriter:
     take the shard while the next one is being computed.
 
     ``done`` names shards already complete in ``out_dir`` (a resumed run,
-    ``convert.output_dir``): they are left as they are, their tensors
+    ``convert.output.stage``): they are left as they are, their tensors
     (``kept_tensors``) count as written, and writes to them are dropped.
     """
 

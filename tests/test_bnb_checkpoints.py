@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from convert import merge
 from convert.cli import main
-from convert.quantize import RECORD_PREFIX
+from convert.plan.quantize import RECORD_PREFIX
 from formats import bnb as bnb_format
 from formats.bnb import QuantSpec, quantize_tensor, serialized_tensors
 from formats.checkpoint import open_checkpoint
@@ -411,7 +411,7 @@ def test_cuda_quantized_in_and_out(models, tmp_path) -> None:
     assert checked == 14
 
 
-@pytest.mark.parametrize("first", ["formats.bnb", "formats.checkpoint", "convert.plan"])
+@pytest.mark.parametrize("first", ["formats.bnb", "formats.checkpoint", "convert.plan.build"])
 def test_import_order(first, models) -> None:
     """formats.bnb and the convert package import each other: any module may be imported first."""
     code = f"import {first}\nfrom formats.checkpoint import open_checkpoint\nfrom convert import merge\n"
@@ -433,8 +433,8 @@ def test_conv1d_models_are_refused(tmp_path) -> None:
 def test_4bit_codes_go_to_the_gpu_only_in_whole_blocks(models) -> None:
     """The GPU pipeline sends a 4-bit weight's stored codes when every row chunk starts on a quantization block
     and rows are whole bytes; otherwise its reader dequantizes on the CPU (no CUDA needed to check the choice)."""
-    from convert.gpu_pipeline import gpu_jobs, on_gpu, packed_4bit
-    from convert.plan import build_plan
+    from convert.execute.gpu import gpu_jobs, on_gpu, packed_4bit
+    from convert.plan.build import build_plan
     from formats.adapter import open_adapter
 
     plan = build_plan(open_checkpoint(models["nf4-dq"]), open_adapter(models["adapter"]))

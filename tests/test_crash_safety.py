@@ -23,7 +23,7 @@ from click.testing import CliRunner
 import formats.writer
 from convert import merge
 from convert.cli import main
-from convert.output_dir import JOURNAL, partial_path
+from convert.output.stage import JOURNAL, partial_path
 from formats.errors import ConvertError
 from tests.conftest import ROOT, make_adapter, make_base
 
@@ -198,12 +198,12 @@ def test_a_live_run_is_not_clobbered(inputs, tmp_path):
 
 def test_free_space_is_checked_before_writing(inputs, tmp_path, monkeypatch):
     base, adapter, _ = inputs
-    import convert.output_dir
+    import convert.output.stage
 
     class Tiny:
         f_bavail, f_frsize = 1000, 4096
 
-    monkeypatch.setattr(convert.output_dir.os, "statvfs", lambda path: Tiny())
+    monkeypatch.setattr(convert.output.stage.os, "statvfs", lambda path: Tiny())
     result = invoke(*merge_args(base, adapter, tmp_path / "out"))
     assert result.exit_code == 2 and "not enough free disk space" in result.stderr
     assert "MB free" in result.stderr and "4.1 MB free" in result.stderr
@@ -233,10 +233,10 @@ def test_disk_full_on_a_real_small_filesystem(inputs, tmp_path, monkeypatch):
         assert result.exit_code == 2 and "not enough free disk space" in result.stderr, result.output
         assert not list(fs.iterdir())
 
-    import convert.output_dir
+    import convert.output.stage
 
     with small_tmpfs(tmp_path / "fs2", (needed + (32 << 20)) // 4096 * 4096) as fs:
-        check = convert.output_dir.check_free_space
+        check = convert.output.stage.check_free_space
 
         def check_then_fill(directory, size, what):
             check(directory, size, what)  # passes; then another process takes the space
@@ -246,14 +246,14 @@ def test_disk_full_on_a_real_small_filesystem(inputs, tmp_path, monkeypatch):
                         f.write(b"\0" * 4096)
                 f.truncate(f.tell() - 16384)  # room for the journal, not for the shards
 
-        monkeypatch.setattr(convert.output_dir, "check_free_space", check_then_fill)
+        monkeypatch.setattr(convert.output.stage, "check_free_space", check_then_fill)
         result = invoke(*merge_args(base, adapter, fs / "out"))
         assert result.exit_code == 2, result.output
         message = result.stderr.strip()
         assert "No space left on device" in message and "--resume" in message and "\n" not in message
         assert_no_finished_model(fs / "out")
 
-        monkeypatch.setattr(convert.output_dir, "check_free_space", check)
+        monkeypatch.setattr(convert.output.stage, "check_free_space", check)
         (fs / "ballast").unlink()  # space freed: the same command resumes
         result = invoke(*merge_args(base, adapter, fs / "out", "--resume"))
         assert result.exit_code == 0, result.output
@@ -272,9 +272,9 @@ def test_injected_enospc_then_resume(inputs, tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         return real(fd, view, offset)
 
-    import convert.output_dir
+    import convert.output.stage
 
-    shard_done = convert.output_dir.Stage.shard_done
+    shard_done = convert.output.stage.Stage.shard_done
 
     def counting(self, name):
         shard_done(self, name)
@@ -282,7 +282,7 @@ def test_injected_enospc_then_resume(inputs, tmp_path, monkeypatch):
 
     monkeypatch.setattr(formats.writer, "_pwrite_all", full_disk)
     monkeypatch.setattr(formats.writer.os, "copy_file_range", lambda *a: (_ for _ in ()).throw(OSError(18, "EXDEV")))
-    monkeypatch.setattr(convert.output_dir.Stage, "shard_done", counting)
+    monkeypatch.setattr(convert.output.stage.Stage, "shard_done", counting)
     with pytest.raises(ConvertError, match="No space left on device.*kept in .*rerun with --resume"):
         merge(base, adapter, out, max_shard_size="20KB", chunk_size="1KiB", device="cpu")
     assert_no_finished_model(out)
@@ -366,7 +366,7 @@ def test_resume_with_other_training_quantization_is_refused(inputs, tmp_path):
 def test_file_digest_is_a_tree_of_piece_hashes(tmp_path, monkeypatch):
     """Finished shards are hashed in parallel pieces: the digest is the sha256 of the pieces' sha256 digests, any
     changed byte changes it, and a file of one piece or none hashes too."""
-    from convert import output_dir
+    from convert.output import stage as output_dir
 
     monkeypatch.setattr(output_dir, "HASH_PIECE", 1000)
     monkeypatch.setattr(output_dir, "HASH_BLOCK", 300)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from convert import ConvertError, merge
-from convert.gpu_pipeline import assign, cuda_devices, on_gpu
-from convert.plan import build_plan
+from convert.execute.gpu import assign, cuda_devices, on_gpu
+from convert.plan.build import build_plan
 from formats.adapter import open_adapter
 from formats.checkpoint import open_checkpoint
 from tests.conftest import DTYPES, load_output, make_base, peft_model, ulp_distance
@@ -122,7 +122,7 @@ def test_cuda_cast_and_dtype_change(tmp_path) -> None:
 def test_gpu_jobs_are_16_row_multiples_and_prefetch_follows_them(tmp_path, monkeypatch) -> None:
     import os
 
-    from convert import gpu_pipeline
+    from convert.execute import gpu as gpu_pipeline
 
     plan = tiny_plan(tmp_path)
     adapted = [t for t in plan.tensors if on_gpu(t)]

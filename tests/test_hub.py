@@ -26,7 +26,7 @@ from tests.conftest import ROOT, make_adapter, make_base
 from tests.hub_server import FakeHub
 from tests.test_crash_safety import journaled
 
-merge_module = sys.modules["convert.merge"]  # the package's `merge` attribute is the function
+merge_module = sys.modules["convert.commands.merge"]  # the package's `merge` attribute is the function
 TOKEN = "hf_test_secret_token_0123456789"
 SHARD = "30KB"  # tiny llama (~100 KB in fp32): several shards in and out
 FROM_HUB = ("--base", "org/base", "--adapter", "org/adapter", "--max-shard-size", SHARD)
@@ -282,7 +282,7 @@ def test_bin_base_and_adapter_from_repos_pinned_at_a_commit(hub, tmp_path):
 
 def test_push_files_streams_any_directory(hub, tmp_path):
     """The push API other commands use: a directory and the names of its files as they are completed."""
-    from convert.push import HubTarget, push_files
+    from convert.output.push import HubTarget, push_files
 
     files = {"model.safetensors": b"\x08" + bytes(8000), "config.json": b"{}", "README.md": b"# card\n"}
     for name, data in files.items():

@@ -13,9 +13,9 @@ import torch
 from click.testing import CliRunner
 
 from convert.cli import main
+from convert.commands.loftq_init import loftq_init
+from convert.kernels.loftq import LoftQMatrix, loftq_matrix, lora_scaling
 from convert.kernels.quant import dequantize_4bit
-from convert.loftq import LoftQMatrix, loftq_matrix, lora_scaling
-from convert.loftq_init import loftq_init
 from formats.errors import ConvertError
 from tests.conftest import DTYPES, SIZES, load_output, peft, transformers
 

@@ -7,7 +7,7 @@
 bf16 weights with an LLM-like spectrum (power-law low-rank part, noise floor, outlier
 columns), rank 16, 1 and 5 iterations: seconds per matrix, peak extra GPU memory
 (``max_memory_allocated`` over what was allocated before the call, the bf16 input
-excluded) and the error ||W - Q - B@A|| / ||W|| of ``convert.loftq.loftq_matrix`` and
+excluded) and the error ||W - Q - B@A|| / ||W|| of ``convert.kernels.loftq.loftq_matrix`` and
 of PEFT's ``loftq_init``, measured in the same process on the same matrices.
 
 ``model``: writes a Llama-3-8B-shaped bf16 checkpoint with random weights (16 GB, in a
@@ -32,8 +32,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from convert.kernels.loftq import loftq_matrix  # noqa: E402
 from convert.kernels.quant import dequantize_4bit  # noqa: E402
-from convert.loftq import loftq_matrix  # noqa: E402
 from formats.writer import PlannedTensor, ShardWriter  # noqa: E402
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]

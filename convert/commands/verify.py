@@ -1,7 +1,7 @@
 """``convert verify``: recompute merged tensors from base + adapter and compare them with a merged model.
 
-The recomputation is the merge itself: the same plan (``convert.plan``) run by
-the same pipeline (``convert.pipeline.run_plan``), with a sink that compares
+The recomputation is the merge itself: the same plan (``convert.plan.build``) run by
+the same pipeline (``convert.execute.cpu.run_plan``), with a sink that compares
 each tile the pipeline would have written against the merged file's bytes at the
 same place, instead of writing it. Memory stays at a few chunks, as in a merge.
 """
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from convert.merge import pick_device
-from convert.pipeline import DEFAULT_CHUNK_BYTES, run_plan
-from convert.plan import OutputTensor, build_plan
-from convert.quantize import quantize_plan
+from convert.commands.merge import pick_device
+from convert.execute.cpu import DEFAULT_CHUNK_BYTES, run_plan
+from convert.plan.build import OutputTensor, build_plan
+from convert.plan.quantize import quantize_plan
 from formats import bnb
 from formats.adapter import open_adapter
 from formats.checkpoint import open_checkpoint

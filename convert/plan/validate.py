@@ -1,7 +1,7 @@
 """Checks on the values of input tensors, made before any output byte is written.
 
 Header-level checks (names, shapes, dtypes, which module exists where) live in
-``convert.plan``; these ones must read the tensors, so they are kept to the
+``convert.plan.build``; these ones must read the tensors, so they are kept to the
 adapter, which is small next to the base.
 """
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from convert.kernels import quant
-from convert.plan import Plan
+from convert.plan.build import Plan
 from formats import bnb  # the module, not names: it imports convert.kernels, so may be mid-import
 from formats.errors import ConvertError
 from formats.safetensors_file import TensorInfo, read_tensor

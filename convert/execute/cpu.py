@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from convert.dora import merge_columns, scale_rows_
-from convert.lora import BiasDelta, LowRankDelta
-from convert.plan import OutputTensor
+from convert.kernels.dora import merge_columns, scale_rows_
+from convert.plan.build import OutputTensor
+from convert.plan.lora import BiasDelta, LowRankDelta
 from formats import bnb  # the module, not names: it imports convert.kernels, so may be mid-import
 from formats.safetensors_file import DTYPES, read_tensor
 from formats.writer import ShardWriter
@@ -81,7 +81,7 @@ def load_factors(delta: LowRankDelta | BiasDelta) -> Factors:
 
 
 def whole_tensor(out: OutputTensor) -> bool:
-    """DoRA on a transposed weight: its norms run down the stored columns (see ``convert.dora``)."""
+    """DoRA on a transposed weight: its norms run down the stored columns (see ``convert.kernels.dora``)."""
     return isinstance(out.delta, LowRankDelta) and out.delta.magnitude is not None and out.delta.transposed
 
 

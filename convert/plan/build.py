@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from convert.lora import BiasDelta, Delta, check_config, low_rank_delta, scaling_for
+from convert.plan.lora import BiasDelta, Delta, check_config, low_rank_delta, scaling_for
 from formats import bnb  # the module, not names: it imports convert.kernels, so may be mid-import
 from formats.adapter import Adapter
 from formats.checkpoint import Checkpoint
@@ -27,7 +27,7 @@ class OutputTensor:
     dtype: str
     source: TensorInfo
     delta: Delta | None = None
-    quant: bnb.QuantSpec | None = None  # written bitsandbytes-quantized (``convert.quantize``)
+    quant: bnb.QuantSpec | None = None  # written bitsandbytes-quantized (``convert.plan.quantize``)
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from convert.commands.merge import check_paths, hub_identity, human_bytes, input_files, pick_device, version
 from convert.kernels import quant
+from convert.kernels.loftq import SVD_METHODS, loftq_matrix, lora_scaling
 from convert.kernels.quant import Quantized4bit, dequantize_4bit, quantize_4bit
-from convert.loftq import SVD_METHODS, loftq_matrix, lora_scaling
-from convert.merge import check_paths, hub_identity, human_bytes, input_files, pick_device, version
-from convert.output_dir import each, fault_point, fingerprint, open_stage
-from convert.push import HubTarget, Upload
+from convert.output.push import HubTarget, Upload
+from convert.output.stage import each, fault_point, fingerprint, open_stage
 from formats import bnb
 from formats.checkpoint import Checkpoint, open_checkpoint
 from formats.errors import ConvertError
@@ -120,7 +120,7 @@ def loftq_init(
     With ``save_dequantized`` also ``out/dequantized/``: the base with every quantized
     weight replaced by its dequantized 16-bit ``Q``, for users who quantize at load time
     (as the LoftQ authors publish their models). Raises ``ConvertError`` for bad input;
-    ``out`` is then left untouched. The output is staged as ``merge``'s is (``convert.output_dir``):
+    ``out`` is then left untouched. The output is staged as ``merge``'s is (``convert.output.stage``):
     locked, journaled, fsynced and renamed when complete; ``resume`` keeps the finished base shards of
     an interrupted run (LoftQ is deterministic, so the factors are recomputed to the same bits).
     ``base`` may be a Hub repo id (``revision``, ``token``, ``keep_downloads`` as for ``merge``). With

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-from convert.lora import LowRankDelta
-from convert.pipeline import DEFAULT_CHUNK_BYTES, Work, chunk_budget, row_chunks, run_plan, whole_tensor
-from convert.plan import OutputTensor
+from convert.execute.cpu import DEFAULT_CHUNK_BYTES, Work, chunk_budget, row_chunks, run_plan, whole_tensor
+from convert.plan.build import OutputTensor
+from convert.plan.lora import LowRankDelta
 from formats import bnb
 from formats.errors import ConvertError
 from formats.safetensors_file import DTYPES, read_tensor

@@ -13,7 +13,7 @@ import math
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from convert.lora import get_pattern_key
+from convert.plan.lora import get_pattern_key
 from formats import bnb
 from formats.adapter import open_adapter
 from formats.checkpoint import Checkpoint, open_checkpoint

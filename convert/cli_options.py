@@ -12,7 +12,7 @@ import click
 from huggingface_hub.utils import disable_progress_bars
 from huggingface_hub.utils import logging as hf_logging
 
-from convert.push import HubTarget
+from convert.output.push import HubTarget
 
 OPTIONS = [
     click.option(

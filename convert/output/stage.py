@@ -19,7 +19,7 @@ directory has a stable name, so a later run can find it:
   on the same output is refused while the first is alive, and the lock dies
   with its process, so a SIGKILLed run's leftovers can be resumed at once.
 
-Adopting it in a command (as ``convert.merge`` does)::
+Adopting it in a command (as ``convert.commands.merge`` does)::
 
     fp = fingerprint("quantize", {"bits": 4, ...}, input_files)
     stage = open_stage(out, fp, resume=resume, overwrite=overwrite, needed_bytes=total)

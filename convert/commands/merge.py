@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from convert.gpu_pipeline import cuda_devices, run_plan_gpu
-from convert.output_dir import each, fault_point, fingerprint, open_stage
-from convert.pipeline import DEFAULT_CHUNK_BYTES, run_plan
-from convert.plan import build_plan
-from convert.push import HubTarget, Upload
-from convert.quantize import check_merge_into, merge_into_dequantized, quantize_plan, training_spec
-from convert.validate import check_finite
+from convert.execute.cpu import DEFAULT_CHUNK_BYTES, run_plan
+from convert.execute.gpu import cuda_devices, run_plan_gpu
+from convert.output.push import HubTarget, Upload
+from convert.output.stage import each, fault_point, fingerprint, open_stage
+from convert.plan.build import build_plan
+from convert.plan.quantize import check_merge_into, merge_into_dequantized, quantize_plan, training_spec
+from convert.plan.validate import check_finite
 from formats import bnb  # the module, not names: it imports convert.kernels, so may be mid-import
 from formats.adapter import Adapter, open_adapter
 from formats.checkpoint import INDEX_NAMES, Checkpoint, open_checkpoint
@@ -96,9 +96,9 @@ def merge(
     when None, what PEFT recorded in the adapter's README.md, else NF4.
     ``base`` and ``adapter`` may be Hub repo ids (``org/name``, ``org/name@revision``;
     ``revision`` applies to both otherwise): see ``formats.hub``. With ``push_to_hub``
-    the output is also uploaded as it is written and committed when complete: see ``convert.push``.
+    the output is also uploaded as it is written and committed when complete: see ``convert.output.push``.
     Raises ``ConvertError`` for bad input, before or while writing; ``out`` is then left untouched.
-    The work happens in a locked partial sibling of ``out`` (``convert.output_dir``): after a
+    The work happens in a locked partial sibling of ``out`` (``convert.output.stage``): after a
     crash, ``resume=True`` keeps the shards already finished. ``allow_nonfinite`` turns the
     error on NaN/Inf adapter values into a warning.
     """
