@@ -1,21 +1,28 @@
 """ckpt-convert: stream base model + adapter into one checkpoint in bounded memory.
 
-The Python API mirrors the CLI: ``from convert import merge``.
+The Python API mirrors the CLI: ``from convert import merge, loftq_init``. Names are imported on first use,
+so that importing the package (as the command line does, before it starts reading the base) costs nothing.
 """
 
-import sys
 import warnings
-
-from convert import readahead
-
-# Run as `convert merge`: start reading the base from disk before torch is imported (a no-op otherwise).
-readahead.start_for_command_line(sys.argv, getattr(sys, "orig_argv", []))
 
 # torch warns on import when numpy is missing; the tool does not use numpy, so the warning is noise.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
-from convert.commands.merge import MergeResult, merge  # noqa: E402
-from formats.errors import ConvertError  # noqa: E402
-
-__all__ = ["ConvertError", "MergeResult", "merge"]
+__all__ = ["ConvertError", "MergeResult", "loftq_init", "merge"]
 __version__ = "0.1.0"
+
+_LAZY = {
+    "merge": "convert.commands.merge",
+    "MergeResult": "convert.commands.merge",
+    "loftq_init": "convert.commands.loftq_init",
+    "ConvertError": "formats.errors",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'convert' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_LAZY[name]), name)

@@ -1,7 +1,8 @@
-"""The Hugging Face Hub options of the commands that read models or write them (``@hub_options``).
+"""Groups of click options that several commands share: the Hub's (``@hub_options``) and bitsandbytes'
+(``@quantization_options``). Defaults come from ``convert.options``.
 
-They reach the command as ``merge``'s keyword arguments: ``revision``, ``token``,
-``keep_downloads`` and ``push_to_hub`` (a ``HubTarget`` or None).
+The Hub options reach the command as ``OutputOptions``' fields: ``revision``, ``token``, ``keep_downloads``
+and ``push_to_hub`` (a ``HubTarget`` or None).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import click
 from huggingface_hub.utils import disable_progress_bars
 from huggingface_hub.utils import logging as hf_logging
 
-from convert.output.push import HubTarget
+from convert.options import HubTarget, MergeOptions, default
+from formats.bnb_names import BLOCKSIZES, COMPUTE_DTYPES, METHODS, STORAGE
 
 OPTIONS = [
     click.option(
@@ -56,3 +58,52 @@ def hub_options(command):
     for option in reversed(OPTIONS):
         with_hub = option(with_hub)
     return with_hub
+
+
+def quantization_options(command):
+    """The bitsandbytes options of merge and quantize, in BitsAndBytesConfig's terms."""
+    options = [
+        click.option(
+            "--quantize",
+            type=click.Choice(METHODS),
+            help="Write a pre-quantized bitsandbytes checkpoint (lm_head and --skip-modules stay 16-bit).",
+        ),
+        click.option(
+            "--double-quant/--no-double-quant",
+            default=default(MergeOptions, "double_quant"),
+            show_default=True,
+            help="Quantize the 4-bit absmax again (bnb_4bit_use_double_quant).",
+        ),
+        click.option(
+            "--blocksize",
+            type=click.Choice([str(b) for b in BLOCKSIZES]),
+            default=str(default(MergeOptions, "blocksize")),
+            show_default=True,
+            callback=lambda ctx, param, value: int(value),
+            help="Values per 4-bit quantization block.",
+        ),
+        click.option(
+            "--quant-storage",
+            type=click.Choice(list(STORAGE)),
+            default=default(MergeOptions, "quant_storage"),
+            show_default=True,
+            help="dtype the packed 4-bit data is stored as (bnb_4bit_quant_storage).",
+        ),
+        click.option(
+            "--compute-dtype",
+            type=click.Choice(COMPUTE_DTYPES),
+            default=default(MergeOptions, "compute_dtype"),
+            show_default=True,
+            help="bnb_4bit_compute_dtype recorded in the config; auto = the output dtype.",
+        ),
+        click.option(
+            "--skip-modules",
+            multiple=True,
+            metavar="NAMES",
+            callback=lambda ctx, param, value: tuple(m for arg in value for m in arg.split(",") if m),
+            help="Modules kept 16-bit besides lm_head (repeat or comma-separate), matched as transformers does.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command

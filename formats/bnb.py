@@ -14,46 +14,41 @@ and an 8-bit one as ``X.weight`` (int8, same shape), ``X.SCB`` (fp32 row scales)
 ``X.weight_format`` (uint8 0: row-major). ``config.json`` carries ``quantization_config``.
 
 Reading: ``group_quantized`` folds each module's tensors into ONE logical tensor of
-the original shape and dtype whose reads dequantize the requested rows, so the plan
-and the pipeline see a plain 16-bit tensor. Writing: ``serialized_tensors`` lays out
-the tensors a quantized output expands into (known from shape and settings alone, so
-the shard writer plans them up front), and ``StreamingQuantizer`` fills them from row
-chunks as they are computed. The bit-level work is ``convert.kernels.quant``.
+the original shape and dtype (``TensorInfo.layout`` says where its parts lie), so the
+plan sees a plain 16-bit tensor; ``convert.execute.decode`` dequantizes its rows.
+Writing: ``serialized_tensors`` lays out the tensors a quantized output expands into
+(known from shape and settings alone, so the shard writer plans them up front);
+``convert.execute.quantize_sink`` fills them from row chunks as they are computed.
+This module is layout only: names, shapes, settings, no arithmetic on values.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from convert.kernels import quant
+from formats.bnb_names import (  # noqa: F401  (re-exported: the format's names, as callers know them)
+    BLOB,
+    BLOCKSIZES,
+    COMPUTE_DTYPES,
+    CONV1D_MODEL_TYPES,
+    METHODS,
+    NESTED_BLOCKSIZE,
+    QUANT_TYPES,
+    STORAGE,
+    SUFFIXES_4BIT,
+    TORCH_NAMES,
+)
 from formats.errors import ConvertError
-from formats.safetensors_file import DTYPE_NAMES, DTYPES, TensorInfo, read_tensor
-from formats.writer import PlannedTensor, ShardWriter
+from formats.safetensors_file import DTYPES, TensorInfo, read_tensor
+from formats.writer import PlannedTensor
 
-QUANT_TYPES = ("nf4", "fp4")
-METHODS = ("nf4", "fp4", "int8")
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' quantize_4bit accepts
-NESTED_BLOCKSIZE = 256
-STORAGE = {"uint8": "U8", "int8": "I8", "float16": "F16", "bfloat16": "BF16", "float32": "F32"}
-TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
-BLOB = ".quant_state.bitsandbytes__"
-SUFFIXES_4BIT = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
 # The longest repr of a float64 ("-2.2250738585072014e-308"): the quant-state blob is planned
 # before the double-quant offset is known, so its JSON is padded with spaces (valid JSON) to this.
 MAX_FLOAT_REPR = 24
-DEQUANT_TILE = 1 << 18  # values dequantized per kernel call while reading
-# Models whose Linear layers are transformers' Conv1D ((in, out) weights), which bitsandbytes stores transposed.
-CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
-
-
-def codes(quant_type: str) -> torch.Tensor:
-    return quant.NF4_CODE if quant_type == "nf4" else quant.FP4_CODE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,65 +57,27 @@ def codes(quant_type: str) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Packed4bit:
-    """A 4-bit weight in a checkpoint; ``read_rows`` dequantizes exactly as ``bnb.functional.dequantize_4bit``."""
+    """Where a 4-bit weight's parts lie; ``convert.execute.decode`` dequantizes them as
+    ``bnb.functional.dequantize_4bit`` does."""
 
     packed: TensorInfo
     absmax: TensorInfo
+    quant_map: TensorInfo
     nested_absmax: TensorInfo | None
+    nested_quant_map: TensorInfo | None
     offset: float | None
     blocksize: int
     quant_type: str
     shape: tuple[int, ...]
     dtype: torch.dtype
 
-    def read_rows(self, start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows [start, stop), dequantized a tile of whole blocks at a time into ``buffer`` (or a new tensor):
-        the kernel's temporaries (int64 codes, fp32 values) then stay a few MB whatever the chunk."""
-        cols, n, bs = math.prod(self.shape[1:]), math.prod(self.shape), self.blocksize
-        e0, e1 = start * cols, stop * cols
-        out, tile = output(buffer, e1 - e0, self.dtype), max(bs, DEQUANT_TILE // bs * bs)
-        for t0 in range(e0 // bs * bs, e1, tile):
-            t1 = min(t0 + tile, n)
-            packed = read_bytes(self.packed, t0 // 2, (t1 + 1) // 2)
-            absmax = self.block_absmax(t0 // bs, -(-t1 // bs))
-            values = quant.dequantize_blocks_4bit(packed, absmax, bs, self.quant_type, (t1 - t0,), self.dtype)
-            lo, hi = max(t0, e0), min(t1, e1)
-            out[lo - e0 : hi - e0] = values.reshape(-1)[lo - t0 : hi - t0]
-        return out.view(stop - start, *self.shape[1:])
-
-    def block_absmax(self, b0: int, b1: int) -> torch.Tensor:
-        """fp32 absmax of blocks [b0, b1), undoing double quantization over whole nested blocks."""
-        if self.nested_absmax is None:
-            return read_tensor(self.absmax, b0, b1).float()
-        n0 = b0 // NESTED_BLOCKSIZE
-        qabsmax = read_tensor(self.absmax, n0 * NESTED_BLOCKSIZE, b1)
-        nested = read_tensor(self.nested_absmax, n0, -(-b1 // NESTED_BLOCKSIZE))
-        return quant.undo_double_quant(qabsmax, nested, self.offset)[b0 - n0 * NESTED_BLOCKSIZE :]
-
 
 @dataclass(frozen=True)
 class Int8Rows:
-    """An LLM.int8 weight; ``read_rows`` gives fp32 ``weight * SCB / 127``, what PEFT merges the delta into."""
+    """Where an LLM.int8 weight's parts lie: int8 rows and their fp32 scales (``SCB``)."""
 
     weight: TensorInfo
     scb: TensorInfo
-
-    def read_rows(self, start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
-        cols = math.prod(self.weight.shape[1:])
-        out = output(buffer, (stop - start) * cols, torch.float32).view(stop - start, cols)
-        step = max(1, DEQUANT_TILE // max(1, cols))
-        for r in range(start, stop, step):
-            r1 = min(r + step, stop)
-            scb = read_tensor(self.scb, r, r1)
-            out[r - start : r1 - start] = quant.dequantize_int8(read_tensor(self.weight, r, r1), scb)
-        return out
-
-
-def output(buffer: torch.Tensor | None, n: int, dtype: torch.dtype) -> torch.Tensor:
-    """``n`` values of ``dtype``: in the caller's reusable uint8 buffer when there is one."""
-    if buffer is None:
-        return torch.empty(n, dtype=dtype)
-    return buffer[: n * dtype.itemsize].view(dtype)
 
 
 def read_bytes(info: TensorInfo, start: int, stop: int) -> torch.Tensor:
@@ -260,12 +217,10 @@ def _4bit_tensor(key: str, packed: TensorInfo, parts: dict[str, TensorInfo]) -> 
             f"{absmax.path}: tensor '{absmax.name}': {absmax.dtype} {list(absmax.shape)} is inconsistent with "
             f"{n} values in blocks of {blocksize} ({'U8' if nested else 'F32'} [{n_blocks}] expected)"
         )
-    _check_code(parts[".quant_map"], codes(quant_type))
     offset = None
     if nested:
         if ".nested_quant_map" not in parts:
             raise ConvertError(f"{where}: double-quantized weight without its '{key}.nested_quant_map' tensor")
-        _check_code(parts[".nested_quant_map"], quant.DYNAMIC_CODE)
         nested_info = parts[".nested_absmax"]
         if state.get("nested_blocksize") != NESTED_BLOCKSIZE or not isinstance(state.get("nested_offset"), float):
             raise ConvertError(f"{where}: quant state needs nested_blocksize 256 and a float nested_offset: {state}")
@@ -273,14 +228,18 @@ def _4bit_tensor(key: str, packed: TensorInfo, parts: dict[str, TensorInfo]) -> 
             raise ConvertError(f"{nested_info.path}: tensor '{nested_info.name}': inconsistent with {n_blocks} blocks")
         offset = state["nested_offset"]
     source = Packed4bit(
-        packed, absmax, parts.get(".nested_absmax"), offset, blocksize, quant_type, tuple(shape), DTYPES[dtype]
+        packed,
+        absmax,
+        parts[".quant_map"],
+        parts.get(".nested_absmax"),
+        parts.get(".nested_quant_map"),
+        offset,
+        blocksize,
+        quant_type,
+        tuple(shape),
+        DTYPES[dtype],
     )
     return logical(key, dtype, tuple(shape), packed, source)
-
-
-def _check_code(info: TensorInfo, expected: torch.Tensor) -> None:
-    if info.dtype != "F32" or not torch.equal(read_tensor(info).reshape(-1), expected):
-        raise ConvertError(f"{info.path}: tensor '{info.name}': not the code bitsandbytes uses for this quant type")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,16 +257,6 @@ class QuantSpec:
     compute_dtype: str = "auto"  # recorded in quantization_config; auto = the output dtype
     skip_modules: tuple[str, ...] = ()
 
-    def check(self) -> None:
-        if self.method not in METHODS:
-            raise ConvertError(f"--quantize {self.method!r}: expected one of {', '.join(METHODS)}")
-        if self.blocksize not in BLOCKSIZES:
-            raise ConvertError(f"--blocksize {self.blocksize}: bitsandbytes accepts {list(BLOCKSIZES)}")
-        if self.quant_storage not in STORAGE:
-            raise ConvertError(f"--quant-storage {self.quant_storage!r}: expected one of {', '.join(STORAGE)}")
-        if self.compute_dtype not in ("auto", *TORCH_NAMES.values()):
-            raise ConvertError(f"--compute-dtype {self.compute_dtype!r}: expected auto, bfloat16, float16 or float32")
-
 
 def spec_of(tensors: dict[str, TensorInfo], config: dict) -> QuantSpec | None:
     """The settings a bitsandbytes checkpoint was quantized with (None for a 16-bit one), from its weights'
@@ -323,22 +272,6 @@ def spec_of(tensors: dict[str, TensorInfo], config: dict) -> QuantSpec | None:
             compute = qconfig.get("bnb_4bit_compute_dtype", "auto")
             return QuantSpec(q.quant_type, q.blocksize, q.nested_absmax is not None, storage, compute, skip)
     return None
-
-
-def should_quantize(name: str, shape: tuple[int, ...], dtype: str, skip: list[str]) -> bool:
-    """Whether transformers would hold this tensor quantized: the weight of a Linear not skipped.
-
-    Linear layers are told from embeddings by name (transformers looks at module types,
-    which a checkpoint does not record): 2-D float ``*.weight`` not named like an embedding.
-    The skip rule is transformers' ``should_convert_module``.
-    """
-    if not name.endswith(".weight") or len(shape) != 2 or dtype not in TORCH_NAMES:
-        return False
-    module = name.removesuffix(".weight")
-    if re.search(r"(^|\.)(embed\w*|wte|wpe|word_embeddings|position_embeddings)$", module):
-        return False
-    boundary = r"(?:(?<=\.)|(?=\.|$))"
-    return not any(re.match(rf"(?:{key}){boundary}", module) or module.endswith(key) for key in skip)
 
 
 def quantization_config(spec: QuantSpec, out_dtype: str) -> dict:
@@ -415,84 +348,3 @@ def chunk_rows(shape: tuple[int, ...], spec: QuantSpec) -> int:
         return 1
     cols = math.prod(shape[1:])
     return spec.blocksize // math.gcd(spec.blocksize, cols)
-
-
-@dataclass
-class StreamingQuantizer:
-    """Quantizes one output weight into its serialized tensors, row chunk by row chunk, from any thread.
-
-    ``write_rows(start, rows)`` quantizes rows [start, start + len(rows)) (each chunk a whole
-    number of blocks, see ``chunk_rows``) and writes the packed data at its planned offset at once.
-    Double quantization needs the absmax of the whole tensor (its offset is their mean), so the
-    fp32 absmax (n / blocksize floats) is kept until the last row arrives; then absmax, nested
-    absmax and quant state are written. Rows may live on any device: the bytes are bitsandbytes'
-    on that device (the absmax stays there too, so double quantization follows the same rule).
-    Usable outside ``convert merge``: plan ``serialized_tensors(...)`` in a ``ShardWriter``, then
-    feed rows here in any order (``quantize_tensor`` does it for a tensor in memory).
-    """
-
-    writer: ShardWriter
-    name: str
-    shape: tuple[int, ...]
-    dtype: str  # the 16-bit dtype rows arrive in (and recorded in the quant state)
-    spec: QuantSpec
-    _absmax: torch.Tensor | None = None
-    _rows_left: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def __post_init__(self) -> None:
-        self._rows_left = self.shape[0]
-        if self.spec.method == "int8":
-            self.writer.write(self.name.removesuffix(".weight") + ".weight_format", torch.zeros((), dtype=torch.uint8))
-            return
-        self.writer.write(self.name + ".quant_map", codes(self.spec.method))
-        if self.spec.double_quant:
-            self.writer.write(self.name + ".nested_quant_map", quant.DYNAMIC_CODE)
-        else:
-            self.writer.write(
-                self.name + BLOB + self.spec.method, _bytes(quant_state_blob(self.shape, self.dtype, self.spec, None))
-            )
-
-    def write_rows(self, start: int, rows: torch.Tensor) -> None:
-        cols = math.prod(self.shape[1:])
-        if self.spec.method == "int8":
-            q, scb = quant.quantize_int8(rows.reshape(len(rows), cols).to(torch.float16))  # as bnb's Int8Params
-            self.writer.write(self.name, q.cpu(), start * cols)
-            self.writer.write(self.name.removesuffix(".weight") + ".SCB", scb.cpu(), start * 4)
-        else:
-            e0, bs = start * cols, self.spec.blocksize
-            assert e0 % bs == 0, "a 4-bit chunk must start on a block boundary"
-            packed, absmax = quant.quantize_blocks_4bit(rows.reshape(-1), bs, self.spec.method)
-            self.writer.write(self.name, packed.cpu(), e0 // 2)
-            if not self.spec.double_quant:
-                self.writer.write(self.name + ".absmax", absmax.cpu(), e0 // bs * 4)
-            else:
-                with self._lock:
-                    if self._absmax is None:
-                        self._absmax = torch.empty(-(-math.prod(self.shape) // bs), device=absmax.device)
-                self._absmax[e0 // bs : e0 // bs + len(absmax)] = absmax
-        with self._lock:
-            self._rows_left -= len(rows)
-            last = self._rows_left == 0
-        if last and self._absmax is not None:
-            qabsmax, nested, offset = quant.double_quantize(self._absmax)
-            self.writer.write(self.name + ".absmax", qabsmax.cpu())
-            self.writer.write(self.name + ".nested_absmax", nested.cpu())
-            blob = quant_state_blob(self.shape, self.dtype, self.spec, offset)
-            self.writer.write(self.name + BLOB + self.spec.method, _bytes(blob))
-            self._absmax = None
-
-
-def _bytes(data: bytes) -> torch.Tensor:
-    return torch.tensor(list(data), dtype=torch.uint8)
-
-
-def quantize_tensor(writer: ShardWriter, name: str, tensor: torch.Tensor, spec: QuantSpec, chunk_elements: int) -> None:
-    """Quantize a whole in-memory tensor into its planned serialized tensors, in row chunks."""
-    dtype = DTYPE_NAMES[tensor.dtype]
-    sink = StreamingQuantizer(writer, name, tuple(tensor.shape), dtype, spec)
-    step = max(1, chunk_elements // max(1, math.prod(tensor.shape[1:])))
-    g = chunk_rows(tuple(tensor.shape), spec)
-    step = max(g, step // g * g)
-    for start in range(0, tensor.shape[0], step):
-        sink.write_rows(start, tensor[start : start + step])

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from formats.bnb import group_quantized
 from formats.errors import ConvertError
 from formats.safetensors_file import DTYPE_NAMES, TensorInfo, read_header
 
@@ -58,8 +59,6 @@ def open_checkpoint(directory: str | Path, shards: ShardFiles = ShardFiles()) ->
                 raise ConvertError(f"{files[0]}: a symbolic link that leaves the model directory")
         else:
             continue
-        from formats.bnb import group_quantized  # here: bnb needs convert.kernels, whose package imports this
-
         tensors = group_quantized(loader(files, directory, index_name), config)
         return Checkpoint(directory, config, tensors, files)
     raise ConvertError(f"{directory}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin found")

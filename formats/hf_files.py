@@ -47,6 +47,12 @@ def write_config(config: dict, out_dir: Path, dtype: str | None, updates: dict) 
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def write_model_files(out_dir: Path, config: dict, dtype: str | None, updates: dict, sources: list[Path]) -> list[str]:
+    """config.json (with ``updates`` and the output dtype) and the side files of ``sources``; their names."""
+    write_config(config, out_dir, dtype, updates)
+    return ["config.json", *copy_side_files(sources, out_dir)]
+
+
 def write_model_card(
     out_dir: Path, base: str, adapter: str | None, settings: dict[str, str], relation: str = "merge"
 ) -> None:

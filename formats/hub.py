@@ -232,7 +232,7 @@ class HubModel:
 def files_read_by(obj: object) -> set[Path]:
     """Every file a plan entry reads: the paths of the ``TensorInfo``s anywhere inside it."""
     if isinstance(obj, TensorInfo):  # a quantized weight also reads its quantization state
-        return {obj.path} | files_read_by(getattr(obj, "quantized", None))
+        return {obj.path} | files_read_by(obj.layout) | files_read_by(obj.reader)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return set().union(*(files_read_by(getattr(obj, f.name)) for f in dataclasses.fields(obj)))
     if isinstance(obj, dict):

@@ -70,8 +70,8 @@ class TensorInfo:
     # loaded with mmap): reads slice this instead of the file, and bytes cannot be
     # copied file-to-file.
     mapped: torch.Tensor | None = field(default=None, compare=False, repr=False)
-    # Set for a quantized weight (``formats.bnb``): the layout of its stored parts, whose ``read_rows(start, stop)``
-    # dequantizes those rows; the stored bytes are not this tensor's, so they are never copied.
+    # Set for a quantized weight (``formats.bnb``): where its stored parts lie (``convert.execute.decode`` turns
+    # them into values); the stored bytes are not this tensor's, so they are never copied.
     layout: object | None = field(default=None, compare=False, repr=False)
     # Set for a tensor whose bytes are spread over several places (a training checkpoint's rank files): an
     # object whose ``read_rows(start, stop, buffer)`` assembles those rows; never copied file to file either.
@@ -191,7 +191,7 @@ def read_tensor(
     that read many chunks) or a new tensor; never an mmap, so nothing stays resident afterwards."""
     row_stop = info.rows if row_stop is None else row_stop
     if info.layout is not None:
-        return info.layout.read_rows(row_start, row_stop, buffer)
+        raise ValueError(f"tensor '{info.name}' is quantized: read it with convert.execute.decode.read_rows")
     if info.reader is not None:
         return info.reader.read_rows(row_start, row_stop, buffer)
     if info.mapped is not None:

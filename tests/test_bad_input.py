@@ -381,8 +381,8 @@ def test_lora_bias_of_the_wrong_shape(tmp_path):
 @pytest.mark.parametrize(
     "extra, expected",
     [
-        (["--chunk-size", "0"], "both must be positive"),
-        (["--max-shard-size", "0"], "both must be positive"),
+        (["--chunk-size", "0"], "--chunk-size 0: must be positive"),
+        (["--max-shard-size", "0"], "--max-shard-size 0: must be positive"),
         (["--train-quant", "nf4"], "--train-quant: only used with --merge-into dequantized"),
     ],
 )

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from copy import copy
 from dataclasses import replace
 from pathlib import Path
@@ -25,15 +23,16 @@ from safetensors.torch import save_file
 
 from convert import merge
 from convert.cli import main
+from convert.execute import decode
+from convert.execute.quantize_sink import quantize_tensor
 from convert.plan.quantize import RECORD_PREFIX
 from formats import bnb as bnb_format
-from formats.bnb import QuantSpec, quantize_tensor, serialized_tensors
+from formats.bnb import QuantSpec, serialized_tensors
 from formats.checkpoint import open_checkpoint
-from formats.safetensors_file import DTYPE_NAMES, read_tensor
+from formats.safetensors_file import DTYPE_NAMES
 from formats.writer import ShardWriter
 from tests.conftest import (
     DTYPES,
-    ROOT,
     SIZES,
     assert_equal_or_1ulp,
     load_output,
@@ -99,7 +98,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("kind", list(BNB))
 def test_reader_dequantizes_like_bitsandbytes(kind, models, monkeypatch) -> None:
     """Every quantized weight reads, whole or in row chunks, as bitsandbytes dequantizes it."""
-    monkeypatch.setattr(bnb_format, "DEQUANT_TILE", 200)  # several kernel calls per read, tiles of 3 blocks
+    monkeypatch.setattr(decode, "DEQUANT_TILE", 200)  # several kernel calls per read, tiles of 3 blocks
     ckpt = open_checkpoint(models[kind])
     stored = load_output(models[kind])
     assert not any(k.endswith((".absmax", ".SCB", ".weight_format")) or "quant_state" in k for k in ckpt.tensors)
@@ -113,8 +112,8 @@ def test_reader_dequantizes_like_bitsandbytes(kind, models, monkeypatch) -> None
             parts = {k[len(name) + 1 :]: v for k, v in stored.items() if k.startswith(name + ".")}
             expected = F.dequantize_4bit(stored[name], F.QuantState.from_dict(parts, "cpu"))
         assert info.shape == tuple(expected.shape)
-        assert torch.equal(read_tensor(info), expected), name
-        chunks = [read_tensor(info, r, min(r + 3, info.rows)) for r in range(0, info.rows, 3)]
+        assert torch.equal(decode.read_rows(info), expected), name
+        chunks = [decode.read_rows(info, r, min(r + 3, info.rows)) for r in range(0, info.rows, 3)]
         assert torch.equal(torch.cat(chunks), expected), name
 
 
@@ -125,7 +124,7 @@ def test_int8_without_weight_format(models, tmp_path) -> None:
     (tmp_path / "config.json").write_text((models["int8"] / "config.json").read_text())
     old, new = open_checkpoint(tmp_path).tensors, open_checkpoint(models["int8"]).tensors
     assert old.keys() == new.keys() and sum(t.layout is not None for t in old.values()) == 14
-    assert all(torch.equal(read_tensor(old[k]), read_tensor(new[k])) for k in old)
+    assert all(torch.equal(decode.read_rows(old[k]), decode.read_rows(new[k])) for k in old)
 
 
 @pytest.mark.parametrize(
@@ -285,7 +284,7 @@ def test_blocks_straddling_rows(quant_type, double_quant, tmp_path, monkeypatch)
 
     (bitsandbytes' own CPU kernel, given the 2-D shape, gets such rows wrong: further from the
     original weights than its flat result. That is why the model fixtures use rows of 64k values.)"""
-    monkeypatch.setattr(bnb_format, "DEQUANT_TILE", 1000)
+    monkeypatch.setattr(decode, "DEQUANT_TILE", 1000)
     w = torch.randn(600, 96, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     packed, state = F.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=double_quant)
     tensors = {f"m.proj.weight.{k}": v for k, v in state.as_dict(packed=True).items()}
@@ -294,8 +293,8 @@ def test_blocks_straddling_rows(quant_type, double_quant, tmp_path, monkeypatch)
     flat_state = copy(state)
     flat_state.shape = torch.Size([w.numel()])
     flat = F.dequantize_4bit(packed, flat_state).reshape(w.shape)
-    assert torch.equal(read_tensor(info), flat)
-    assert torch.equal(torch.cat([read_tensor(info, r, min(r + 7, 600)) for r in range(0, 600, 7)]), flat)
+    assert torch.equal(decode.read_rows(info), flat)
+    assert torch.equal(torch.cat([decode.read_rows(info, r, min(r + 7, 600)) for r in range(0, 600, 7)]), flat)
     assert (flat.float() - w.float()).abs().max() < (F.dequantize_4bit(packed, state).float() - w.float()).abs().max()
 
 
@@ -409,15 +408,6 @@ def test_cuda_quantized_in_and_out(models, tmp_path) -> None:
             assert blob(ours[name + ".quant_state.bitsandbytes__nf4"])["nested_offset"] == state.offset.item(), name
             checked += 1
     assert checked == 14
-
-
-@pytest.mark.parametrize("first", ["formats.bnb", "formats.checkpoint", "convert.plan.build"])
-def test_import_order(first, models) -> None:
-    """formats.bnb and the convert package import each other: any module may be imported first."""
-    code = f"import {first}\nfrom formats.checkpoint import open_checkpoint\nfrom convert import merge\n"
-    code += f"print(callable(merge), len(open_checkpoint({str(models['nf4'])!r}).tensors))"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert result.returncode == 0 and result.stdout.split()[-2:] == ["True", "21"], result.stderr
 
 
 def test_conv1d_models_are_refused(tmp_path) -> None:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from convert import ConvertError, merge
-from convert.execute.gpu import assign, cuda_devices, on_gpu
+from convert.devices import parse_devices
+from convert.execute.gpu import assign, on_gpu
 from convert.plan.build import build_plan
 from formats.adapter import open_adapter
 from formats.checkpoint import open_checkpoint
@@ -43,14 +44,18 @@ def test_assign_balances_bytes_and_keeps_plan_order(tmp_path) -> None:
 def test_device_lists_without_cuda(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert cuda_devices("cuda") == [torch.device("cuda", 0)]
-    assert cuda_devices("cuda:1") == [torch.device("cuda", 1)]
-    assert cuda_devices("cuda:0,cuda:1,cuda:0") == [torch.device("cuda", i) for i in (0, 1, 0)]
-    assert cuda_devices("cuda:all") == [torch.device("cuda", 0), torch.device("cuda", 1)]
+    assert parse_devices("cuda") == [torch.device("cuda", 0)]
+    assert parse_devices("cuda:1") == [torch.device("cuda", 1)]
+    assert parse_devices("cuda:0,cuda:1,cuda:0") == [torch.device("cuda", i) for i in (0, 1, 0)]
+    assert parse_devices("cuda:all") == [torch.device("cuda", 0), torch.device("cuda", 1)]
     with pytest.raises(ConvertError, match="cuda:2 does not exist"):
-        cuda_devices("cuda:0,cuda:2")
-    with pytest.raises(ConvertError, match="expected cuda"):
-        cuda_devices("cuda:0,cpu")
+        parse_devices("cuda:0,cuda:2")
+    with pytest.raises(ConvertError, match="expected auto, cpu, cuda"):
+        parse_devices("cuda:0,cpu")
+    with pytest.raises(ConvertError, match="computes on one device"):
+        parse_devices("cuda:0,cuda:1", several=False)
+    assert parse_devices("auto") == [torch.device("cuda", 0)]
+    assert parse_devices("cpu") == [torch.device("cpu")]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")

@@ -9,8 +9,9 @@ import bitsandbytes.functional as bnbF
 import pytest
 import torch
 
-from convert.kernels.loftq import loftq_matrix, lora_scaling, randomized_svd
+from convert.kernels.loftq import loftq_matrix, randomized_svd
 from convert.kernels.quant import dequantize_4bit, quantize_4bit
+from convert.plan.lora import lora_scaling
 
 loftq_utils = pytest.importorskip("peft.utils.loftq_utils")
 

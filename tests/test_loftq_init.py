@@ -14,8 +14,9 @@ from click.testing import CliRunner
 
 from convert.cli import main
 from convert.commands.loftq_init import loftq_init
-from convert.kernels.loftq import LoftQMatrix, loftq_matrix, lora_scaling
+from convert.kernels.loftq import LoftQMatrix, loftq_matrix
 from convert.kernels.quant import dequantize_4bit
+from convert.plan.lora import lora_scaling
 from formats.errors import ConvertError
 from tests.conftest import DTYPES, SIZES, load_output, peft, transformers
 

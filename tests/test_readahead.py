@@ -82,18 +82,31 @@ def recorded_starts(monkeypatch):
     return started
 
 
-def test_importing_the_package_as_the_command_line_starts_it(tmp_path, monkeypatch, recorded_starts):
-    monkeypatch.setattr(sys, "argv", ["/venv/bin/convert", "merge", "--base", str(tmp_path)])
+def test_the_command_line_starts_it_before_the_command_runs(tmp_path, monkeypatch, recorded_starts):
+    from click.testing import CliRunner
+
+    from convert.cli import main
+
+    (tmp_path / "base").mkdir()
+    args = ["merge", "--base", str(tmp_path / "base"), "--out", str(tmp_path / "out")]
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/convert", *args])
     monkeypatch.delenv("CONVERT_READAHEAD", raising=False)
-    importlib.reload(convert)
-    assert recorded_starts == [str(tmp_path)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "config.json" in result.output  # an empty base: refused, after the start
+    assert recorded_starts == [str(tmp_path / "base")]
     monkeypatch.setenv("CONVERT_READAHEAD", "0")
-    importlib.reload(convert)
-    assert recorded_starts == [str(tmp_path)]  # turned off
+    CliRunner().invoke(main, args)
+    assert recorded_starts == [str(tmp_path / "base")]  # turned off
 
 
-def test_importing_the_package_as_a_library_does_not(monkeypatch, recorded_starts):
-    monkeypatch.delenv("CONVERT_READAHEAD", raising=False)
+def test_importing_the_package_or_the_cli_starts_nothing_and_imports_no_torch(monkeypatch, recorded_starts):
+    """The command line starts reading before torch is imported: importing ``convert`` and ``convert.cli``
+    must not import it (nor start anything, as a library)."""
+    import subprocess
+
+    code = "import sys, convert, convert.cli; print('torch' in sys.modules)"
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert found.returncode == 0 and found.stdout.split() == ["False"], found.stderr
     importlib.reload(convert)  # under pytest: argv is pytest's
     assert recorded_starts == []
     assert convert.merge.__name__ == "merge"  # the public API is still the function

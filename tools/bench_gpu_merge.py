@@ -55,6 +55,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from convert.execute.quantize_sink import quantize_tensor  # noqa: E402
+from convert.plan.quantize import should_quantize  # noqa: E402
 from formats import bnb  # noqa: E402
 from formats.writer import PlannedTensor, ShardWriter  # noqa: E402
 
@@ -166,7 +168,7 @@ def base_tensors(shape: str) -> dict[str, tuple[int, ...]]:
 def quantized(name: str, shape: tuple[int, ...]) -> bool:
     """Whether the NF4 base holds this weight 4-bit: the project's rule with lm_head skipped, as transformers
     (and `convert merge --quantize`) do; that leaves the 7 projections of each layer."""
-    return bnb.should_quantize(name, shape, "BF16", skip=["lm_head"])
+    return should_quantize(name, shape, "BF16", skip=["lm_head"])
 
 
 def nf4_plan(tensors: dict[str, tuple[int, ...]]) -> list[PlannedTensor]:
@@ -196,7 +198,7 @@ def write_bases(base: Path, base_nf4: Path, shape: str, gen: torch.Generator) ->
         host = t.cpu()
         writer.write(name, host)
         if quantized(name, s):
-            bnb.quantize_tensor(writer_nf4, name, t, NF4, chunk_elements=1 << 26)
+            quantize_tensor(writer_nf4, name, t, NF4, chunk_elements=1 << 26)
         else:
             writer_nf4.write(name, host)
     writer.finish()

@@ -16,12 +16,14 @@ from pathlib import Path
 
 import torch
 
-from convert.commands.merge import pick_device
-from convert.execute.cpu import DEFAULT_CHUNK_BYTES, run_plan
-from convert.plan.build import OutputTensor, build_plan
-from convert.plan.quantize import quantize_plan
+from convert.devices import parse_devices
+from convert.execute.cpu import run_plan
+from convert.options import MergeOptions, VerifyOptions
+from convert.output.job import option_sizes
+from convert.plan.build import OutputTensor, Plan
+from convert.plan.inputs import open_inputs
+from convert.plan.merge_plan import merge_plan
 from formats import bnb
-from formats.adapter import open_adapter
 from formats.checkpoint import open_checkpoint
 from formats.safetensors_file import DTYPES, FLOAT_DTYPES, TensorInfo, read_header, read_tensor
 
@@ -68,42 +70,49 @@ class CompareSink:
             self.mismatched[name] = self.mismatched.get(name, 0) + bad
 
 
-def verify(
-    base: str | Path,
-    adapter: str | Path | None,
-    merged: str | Path,
-    *,
-    sample: int | None = None,
-    seed: int = 0,
-    atol: float = 0.0,
-    device: str = "cpu",
-    chunk_size: int = DEFAULT_CHUNK_BYTES,
-) -> dict:
+def verify(base: str | Path, adapter: str | Path | None, merged: str | Path, **options) -> dict:
     """Compare ``merged`` with the merge of ``adapter`` into ``base``; return a JSON-able report.
 
-    ``sample``: check that many tensors, chosen at random with ``seed`` (default: all).
-    Tensor names and shapes are always checked in full. A tensor passes when no
-    element differs by more than ``atol`` (0: bit-identical, what a CPU merge gives).
-    A bitsandbytes-quantized ``merged`` (``--quantize``) is checked byte for byte: the merge is
-    recomputed, quantized with the settings its quant states record, and every serialized part
-    (packed data, absmax, quant state) compared.
+    ``options`` are ``convert.options.VerifyOptions``' fields. ``sample``: check that many tensors, chosen at
+    random with ``seed`` (default: all). Tensor names and shapes are always checked in full. A tensor passes
+    when no element differs by more than ``atol`` (0: bit-identical, what a CPU merge gives). The plan is the
+    merge's own (``convert.plan.merge_plan``): a bitsandbytes-quantized ``merged`` (``--quantize``) is checked
+    byte for byte (the merge recomputed, quantized with the settings its quant states record, and every
+    serialized part compared), and ``merge_into="dequantized"`` recomputes a QLoRA merge into the round-tripped
+    weights (with ``train_quant``, ``blocksize`` and ``double_quant`` as the merge was given them).
     """
-    ckpt = open_checkpoint(base)
-    peft = open_adapter(adapter) if adapter is not None else None
-    plan = build_plan(ckpt, peft)
+    o = VerifyOptions(**options)
+    device = parse_devices(o.device, several=False)[0]
     merged_ckpt = open_checkpoint(merged)
     theirs = merged_ckpt.tensors  # a quantized weight as one tensor of its original shape and dtype
     stored = theirs  # what the comparing sink reads: the serialized tensors of a quantized model
     spec = bnb.spec_of(theirs, merged_ckpt.config)
+    recipe = MergeOptions(
+        merge_into=o.merge_into, train_quant=o.train_quant, blocksize=o.blocksize, double_quant=o.double_quant,
+        allow_nonfinite=True,
+    )  # fmt: skip
     if spec is not None:  # a `--quantize` output: recompute the merge, quantize it the same way, compare bytes
-        plan = quantize_plan(plan, spec, ckpt.config)
+        recipe = dataclasses.replace(
+            recipe, quantize=spec.method, blocksize=spec.blocksize, double_quant=spec.double_quant,
+            quant_storage=spec.quant_storage, compute_dtype=spec.compute_dtype, skip_modules=spec.skip_modules,
+        )  # fmt: skip
         stored = {name: info for f in merged_ckpt.files for name, info in read_header(f)[0].items()}
+    inputs = open_inputs(base, adapter, None)
+    try:
+        plan, _ = merge_plan(inputs, recipe, device)
+        return compare(plan, theirs, stored, o, device)
+    finally:
+        inputs.close()
+
+
+def compare(plan: Plan, theirs: dict[str, TensorInfo], stored: dict[str, TensorInfo], o: VerifyOptions, device) -> dict:
+    """Recompute ``plan``'s tensors (all or a sample) into a sink that compares them with ``stored``."""
     ours = {t.name: t for t in plan.tensors}
     missing = sorted(set(ours) - set(theirs))
     extra = sorted(set(theirs) - set(ours))
     candidates = [t for t in plan.tensors if t.name in theirs]
-    if sample is not None and sample < len(candidates):
-        chosen = set(random.Random(seed).sample([t.name for t in candidates], sample))
+    if o.sample is not None and o.sample < len(candidates):
+        chosen = set(random.Random(o.seed).sample([t.name for t in candidates], o.sample))
         candidates = [t for t in candidates if t.name in chosen]
 
     results: dict[str, dict] = {}
@@ -116,8 +125,8 @@ def verify(
             results[t.name] = {"problem": f"dtype {found.dtype}, expected {t.dtype}"}
         else:  # a merge with --dtype: recompute in the merged model's dtype
             todo.append(dataclasses.replace(t, dtype=found.dtype))
-    sink = CompareSink(stored, atol)
-    run_plan(todo, sink, pick_device(device), chunk_size)
+    sink = CompareSink(stored, o.atol)
+    run_plan(todo, sink, device, option_sizes(chunk_size=o.chunk_size)["chunk_size"])
 
     tensors = []
     for t in candidates:

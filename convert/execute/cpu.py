@@ -19,14 +19,16 @@ from dataclasses import dataclass
 
 import torch
 
+from convert.execute.decode import read_rows
+from convert.execute.quantize_sink import StreamingQuantizer
 from convert.kernels.dora import merge_columns, scale_rows_
+from convert.options import DEFAULT_CHUNK_BYTES
 from convert.plan.build import OutputTensor
 from convert.plan.lora import BiasDelta, LowRankDelta
-from formats import bnb  # the module, not names: it imports convert.kernels, so may be mid-import
+from formats import bnb
 from formats.safetensors_file import DTYPES, read_tensor
 from formats.writer import ShardWriter
 
-DEFAULT_CHUNK_BYTES = 8 << 20  # one read, counted at 4 bytes an element
 CPU_TILE_ELEMENTS = 1 << 19  # 2 MiB of fp32: large enough that per-call overhead stays small
 MAX_WORKERS = 8
 
@@ -196,7 +198,7 @@ class Worker:
         chunk_elements: int,
         row: int,
         tile: int,
-        quantizers: dict[str, bnb.StreamingQuantizer] | None = None,
+        quantizers: dict[str, StreamingQuantizer] | None = None,
     ):
         self.writer, self.device, self.tile = writer, device, tile
         self.quantizers = quantizers or {}
@@ -221,7 +223,7 @@ class Worker:
             loaded = load_factors(out.delta) if out.delta is not None else None
             self.factors = (out.name, loaded.to(self.device) if loaded is not None else None)
         fits = (job.stop - job.start) * out.source.row_bytes <= self.buffer.numel()
-        rows = read_tensor(out.source, job.start, job.stop, self.buffer if fits else None)
+        rows = read_rows(out.source, job.start, job.stop, self.buffer if fits else None)
         if self.device.type != "cpu":
             rows = rows.to(self.device)
         row_bytes = math.prod(out.shape[1:]) * DTYPES[out.dtype].itemsize
@@ -254,7 +256,7 @@ def run_plan(
     tile = CPU_TILE_ELEMENTS if on_cpu else chunk_elements
     row = max_row(tensors)
     quantizers = {
-        t.name: bnb.StreamingQuantizer(writer, t.name, t.shape, t.dtype, t.quant)
+        t.name: StreamingQuantizer(writer, t.name, t.shape, t.dtype, t.quant)
         for t in tensors
         if t.quant is not None
     }

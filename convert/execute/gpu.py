@@ -30,39 +30,19 @@ from dataclasses import dataclass
 
 import torch
 
-from convert.execute.cpu import DEFAULT_CHUNK_BYTES, Work, chunk_budget, row_chunks, run_plan, whole_tensor
+from convert.execute.cpu import Work, chunk_budget, row_chunks, run_plan, whole_tensor
+from convert.execute.decode import block_absmax, read_rows
+from convert.options import DEFAULT_CHUNK_BYTES
 from convert.plan.build import OutputTensor
 from convert.plan.lora import LowRankDelta
+from convert.readahead import available_memory
 from formats import bnb
-from formats.errors import ConvertError
 from formats.safetensors_file import DTYPES, read_tensor
 from formats.writer import ShardWriter
 
 GPU_CHUNK_BYTES = 64 << 20  # used when --chunk-size is left at the CPU's cache-sized default (32 MB of bf16)
 DEPTH = 3  # slots per GPU: one being read, one on the GPU, one being written
 GPU_DTYPES = {"BF16", "F16", "F32"}
-
-
-def cuda_devices(spec: str) -> list[torch.device]:
-    """The devices named by ``cuda``, ``cuda:N``, ``cuda:0,cuda:1`` (repeats allowed) or ``cuda:all``."""
-    if not torch.cuda.is_available():
-        raise ConvertError(f"--device {spec}: CUDA is not available on this machine")
-    count = torch.cuda.device_count()
-    if spec == "cuda:all":
-        return [torch.device("cuda", i) for i in range(count)]
-    devices = []
-    for name in spec.split(","):
-        try:
-            dev = torch.device(name.strip())
-        except RuntimeError:
-            dev = None
-        if dev is None or dev.type != "cuda":
-            raise ConvertError(f"--device {spec!r}: expected cuda, cuda:N, a list like cuda:0,cuda:1, or cuda:all")
-        index = dev.index or 0
-        if index >= count:
-            raise ConvertError(f"--device {spec}: {name} does not exist ({count} CUDA device(s) here)")
-        devices.append(torch.device("cuda", index))
-    return devices
 
 
 def on_gpu(out: OutputTensor) -> bool:
@@ -188,16 +168,6 @@ def prefetch(jobs: list[Work]) -> threading.Thread:
     return thread
 
 
-def available_memory() -> int:
-    try:
-        for line in open("/proc/meminfo").read().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def job_bytes(job: Work, q: bnb.Packed4bit | None = None) -> tuple[int, int]:
     """(host bytes, device bytes) a job needs: output written over the input, or after it when the dtype changes
     (4-bit codes and absmax: the output first, then the codes)."""
@@ -250,12 +220,12 @@ def run_device(
                 layout, cols = packed_layout(job, q), math.prod(job.out.shape[1:])
                 e0 = job.start * cols
                 slot.host[: layout.packed_bytes].copy_(bnb.read_bytes(q.packed, e0 // 2, e0 // 2 + layout.packed_bytes))
-                absmax = q.block_absmax(e0 // q.blocksize, e0 // q.blocksize + layout.blocks)
+                absmax = block_absmax(q, e0 // q.blocksize, e0 // q.blocksize + layout.blocks)
                 slot.host[layout.absmax_at : layout.nbytes].view(torch.float32).copy_(absmax)
             elif source.layout is None:
                 read_tensor(source, job.start, job.stop, slot.host)
             else:  # dequantized by its reader, into memory of its own
-                rows = read_tensor(source, job.start, job.stop)
+                rows = read_rows(source, job.start, job.stop)
                 slot.host[: rows.nbytes].view(rows.dtype).view(rows.shape).copy_(rows)
             to_gpu.put((job, q, slot))
         to_gpu.put(None)

@@ -27,7 +27,6 @@ Two things make it fast and small where PEFT is slow and large:
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
@@ -51,11 +50,6 @@ class LoftQMatrix:
     B: torch.Tensor  # lora_B.weight, (out_features, r) fp32
     error: float  # ||W - Q - scaling * B @ A|| / ||W||
     quant_error: float  # ||W - quant(W)|| / ||W||: plain QLoRA's error, for comparison
-
-
-def lora_scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
-    """PEFT's LoRA scaling: ``alpha / r``, or ``alpha / sqrt(r)`` with rslora."""
-    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
 @torch.no_grad()

@@ -32,9 +32,8 @@ from fractions import Fraction
 
 import torch
 
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes accepts for 4-bit
-QUANT_TYPES = ("nf4", "fp4")
-NESTED_BLOCKSIZE = 256  # bitsandbytes' double quantization: 8-bit dynamic code, blocks of 256 absmax values
+from formats.bnb_names import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES
+
 FLT_MAX = torch.finfo(torch.float32).max
 
 NF4_CODE = torch.tensor(

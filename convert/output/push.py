@@ -16,26 +16,16 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
+from convert.options import HubTarget
 from formats.errors import ConvertError
 from formats.hub import hub_errors
 
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
 RETRY_HINT = "; run the same command again to resume (files already uploaded are not sent again)"
-
-
-@dataclass(frozen=True)
-class HubTarget:
-    """Where to push: ``--push-to-hub REPO [--private] [--push-revision BRANCH] [--commit-message ...]``."""
-
-    repo_id: str
-    private: bool = False
-    revision: str | None = None  # a branch, created from the default branch if missing
-    commit_message: str | None = None
 
 
 class Upload:

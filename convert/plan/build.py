@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from convert.plan.lora import BiasDelta, Delta, check_config, low_rank_delta, scaling_for
-from formats import bnb  # the module, not names: it imports convert.kernels, so may be mid-import
+from formats import bnb
 from formats.adapter import Adapter
 from formats.checkpoint import Checkpoint
 from formats.errors import ConvertError

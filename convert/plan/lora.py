@@ -75,14 +75,18 @@ def check_config(adapter: Adapter) -> None:
             raise ConvertError(f"{where}: {what} is not supported yet")
 
 
+def lora_scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
+    """PEFT's LoRA scaling: ``alpha / r``, or ``alpha / sqrt(r)`` with rslora."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
 def scaling_for(config: dict, module: str) -> tuple[int, float]:
     """(r, scaling) of one module, as ``LoraModel._create_and_replace`` + ``LoraLayer.update_layer``."""
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config["r"])
     alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config["lora_alpha"])
-    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    return r, scaling
+    return r, lora_scaling(r, alpha, bool(config.get("use_rslora")))
 
 
 def low_rank_delta(adapter: Adapter, module: str, weight: TensorInfo) -> LowRankDelta:

@@ -2,7 +2,7 @@
 
 Both only annotate the plan built from headers; the bytes move in the pipeline as
 for any merge. ``--quantize`` marks the weights transformers would hold quantized,
-and the pipeline writes them through ``formats.bnb.StreamingQuantizer``.
+and the executors write them through ``convert.execute.quantize_sink``.
 ``--merge-into dequantized`` makes every such weight of a 16-bit base read as its
 round trip through the quantization the adapter was trained against (QLoRA), so
 that the delta is added to the weights the adapter actually saw.
@@ -10,24 +10,50 @@ that the delta is added to the weights the adapter actually saw.
 
 from __future__ import annotations
 
-import math
 import re
-import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from convert.kernels import quant
+from convert.execute.decode import RoundTrip
 from convert.plan.build import Plan
-from formats import bnb  # the module, not names: it imports convert.kernels, so may be mid-import
+from formats import bnb
 from formats.errors import ConvertError
-from formats.safetensors_file import TensorInfo, read_tensor
 
 MERGE_INTO = ("original", "dequantized")
 # How PEFT's ``PeftModel.create_or_update_model_card`` records the base's quantization in an adapter's README.md.
 RECORD_PREFIX = "The following `bitsandbytes` quantization config was used during training:"
-ROUND_TRIP_CHUNK_ELEMENTS = 1 << 22  # the absmax pre-pass of double quantization reads this much at a time
+
+
+def check_spec(spec: bnb.QuantSpec) -> None:
+    """Refuse settings bitsandbytes cannot load, naming the option."""
+    if spec.method not in bnb.METHODS:
+        raise ConvertError(f"--quantize {spec.method!r}: expected one of {', '.join(bnb.METHODS)}")
+    if spec.blocksize not in bnb.BLOCKSIZES:
+        raise ConvertError(f"--blocksize {spec.blocksize}: bitsandbytes accepts {list(bnb.BLOCKSIZES)}")
+    if spec.quant_storage not in bnb.STORAGE:
+        raise ConvertError(f"--quant-storage {spec.quant_storage!r}: expected one of {', '.join(bnb.STORAGE)}")
+    if spec.compute_dtype not in bnb.COMPUTE_DTYPES:
+        raise ConvertError(f"--compute-dtype {spec.compute_dtype!r}: expected auto, bfloat16, float16 or float32")
+
+
+def should_quantize(name: str, shape: tuple[int, ...], dtype: str, skip: list[str]) -> bool:
+    """Whether transformers would hold this tensor quantized: the weight of a Linear not skipped.
+
+    Linear layers are told from embeddings by name (transformers looks at module types,
+    which a checkpoint does not record): 2-D float ``*.weight`` not named like an embedding.
+    The skip rule is transformers' ``should_convert_module``.
+    """
+    if not name.endswith(".weight") or len(shape) != 2 or dtype not in bnb.TORCH_NAMES:
+        return False
+    module = name.removesuffix(".weight")
+    if re.search(r"(^|\.)(embed\w*|wte|wpe|word_embeddings|position_embeddings)$", module):
+        return False
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    return not any(re.match(rf"(?:{key}){boundary}", module) or module.endswith(key) for key in skip)
+
+
 
 
 def skip_list(spec: bnb.QuantSpec, config: dict) -> list[str]:
@@ -38,12 +64,12 @@ def skip_list(spec: bnb.QuantSpec, config: dict) -> list[str]:
 
 def quantize_plan(plan: Plan, spec: bnb.QuantSpec, config: dict) -> Plan:
     """Write every Linear weight bitsandbytes-quantized, and record ``quantization_config``."""
-    spec.check()
+    check_spec(spec)
     bnb.check_not_conv1d(config, "--quantize")
     skip = skip_list(spec, config)
     spec = replace(spec, skip_modules=tuple(skip))
     tensors = [
-        replace(t, quant=spec) if bnb.should_quantize(t.name, t.shape, t.dtype, skip) else t for t in plan.tensors
+        replace(t, quant=spec) if should_quantize(t.name, t.shape, t.dtype, skip) else t for t in plan.tensors
     ]
     updates = {**plan.config_updates, "quantization_config": bnb.quantization_config(spec, plan.dtype)}
     return Plan(tensors, plan.dtype, updates)
@@ -57,66 +83,16 @@ def merge_into_dequantized(plan: Plan, spec: bnb.QuantSpec, config: dict, device
     Weights of a base that is already quantized are read dequantized anyway. The round trip
     runs on ``device``: bitsandbytes rounds ties differently on CUDA, where QLoRA trains.
     """
-    spec.check()
+    check_spec(spec)
     bnb.check_not_conv1d(config, "--merge-into dequantized")
     skip = skip_list(spec, config)
     tensors = []
     for t in plan.tensors:
         source = t.source
-        if source.layout is None and bnb.should_quantize(t.name, source.shape, source.dtype, skip):
+        if source.layout is None and should_quantize(t.name, source.shape, source.dtype, skip):
             source = bnb.logical(source.name, source.dtype, source.shape, source, RoundTrip(source, spec, device))
         tensors.append(replace(t, source=source))
     return Plan(tensors, plan.dtype, plan.config_updates)
-
-
-@dataclass(frozen=True)
-class RoundTrip:
-    """A 16-bit tensor read as ``dequantize(quantize(W))``, bit for bit as bitsandbytes gives it.
-
-    Row ranges are widened to whole blocks, quantized and dequantized. With double
-    quantization the dequantizing absmax depends on the mean of the whole tensor's
-    absmax, so a first read of the tensor computes it; it is dropped after the last row.
-    """
-
-    source: TensorInfo
-    spec: bnb.QuantSpec
-    device: torch.device
-    _state: dict = field(default_factory=dict, compare=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
-
-    def read_rows(self, start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
-        if self.spec.method == "int8":
-            rows = read_tensor(self.source, start, stop).to(self.device, torch.float16)  # as bnb's Int8Params
-            return quant.dequantize_int8(*quant.quantize_int8(rows)).cpu()
-        shape, bs = self.source.shape, self.spec.blocksize
-        cols, n = math.prod(shape[1:]), math.prod(shape)
-        e0, e1 = start * cols, stop * cols
-        first, last = e0 // bs * bs, min(-(-e1 // bs) * bs, n)
-        r0, r1 = first // cols, -(-last // cols)
-        flat = read_tensor(self.source, r0, r1).reshape(-1)[first - r0 * cols : last - r0 * cols].to(self.device)
-        packed, absmax = quant.quantize_blocks_4bit(flat, bs, self.spec.method)
-        if self.spec.double_quant:
-            absmax = self.dequantized_absmax()[first // bs : first // bs + len(absmax)]
-        dtype = flat.dtype
-        values = quant.dequantize_blocks_4bit(packed, absmax, bs, self.spec.method, (last - first,), dtype)
-        with self._lock:
-            self._state["rows_read"] = self._state.get("rows_read", 0) + stop - start
-            if self._state["rows_read"] >= self.source.rows:
-                self._state.clear()
-        return values.reshape(-1)[e0 - first : e1 - first].reshape(stop - start, *shape[1:]).cpu()
-
-    def dequantized_absmax(self) -> torch.Tensor:
-        with self._lock:
-            if "absmax" not in self._state:
-                rows, bs = self.source.rows, self.spec.blocksize
-                # a multiple of blocksize rows holds whole blocks whatever the row length
-                step = bs * max(1, ROUND_TRIP_CHUNK_ELEMENTS // (math.prod(self.source.shape[1:]) * bs))
-                chunks = (
-                    read_tensor(self.source, r, min(r + step, rows)).to(self.device) for r in range(0, rows, step)
-                )
-                absmax = torch.cat([quant.quantize_blocks_4bit(c, bs, self.spec.method)[1] for c in chunks])
-                self._state["absmax"] = quant.undo_double_quant(*quant.double_quantize(absmax))
-            return self._state["absmax"]
 
 
 def training_spec(spec: bnb.QuantSpec, train_quant: str | None, adapter_dir: Path | None) -> bnb.QuantSpec:

@@ -1,0 +1,99 @@
+"""Quantizing sink: fills the tensors a bitsandbytes output weight is saved as, row chunk by row chunk.
+
+The layout (which tensors, their shapes, the quant-state blob) is ``formats.bnb``'s; the bits are
+``convert.kernels.quant``'s. Both executors (CPU workers and the GPU path) write quantized outputs here.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from convert.kernels import quant
+from formats.bnb import BLOB, QuantSpec, chunk_rows, quant_state_blob
+from formats.safetensors_file import DTYPE_NAMES
+from formats.writer import ShardWriter
+
+
+@dataclass
+class StreamingQuantizer:
+    """Quantizes one output weight into its serialized tensors, row chunk by row chunk, from any thread.
+
+    ``write_rows(start, rows)`` quantizes rows [start, start + len(rows)) (each chunk a whole
+    number of blocks, see ``chunk_rows``) and writes the packed data at its planned offset at once.
+    Double quantization needs the absmax of the whole tensor (its offset is their mean), so the
+    fp32 absmax (n / blocksize floats) is kept until the last row arrives; then absmax, nested
+    absmax and quant state are written. Rows may live on any device: the bytes are bitsandbytes'
+    on that device (the absmax stays there too, so double quantization follows the same rule).
+    Usable outside ``convert merge``: plan ``serialized_tensors(...)`` in a ``ShardWriter``, then
+    feed rows here in any order (``quantize_tensor`` does it for a tensor in memory).
+    """
+
+    writer: ShardWriter
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # the 16-bit dtype rows arrive in (and recorded in the quant state)
+    spec: QuantSpec
+    _absmax: torch.Tensor | None = None
+    _rows_left: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self._rows_left = self.shape[0]
+        if self.spec.method == "int8":
+            self.writer.write(self.name.removesuffix(".weight") + ".weight_format", torch.zeros((), dtype=torch.uint8))
+            return
+        self.writer.write(self.name + ".quant_map", quant.code_for(self.spec.method))
+        if self.spec.double_quant:
+            self.writer.write(self.name + ".nested_quant_map", quant.DYNAMIC_CODE)
+        else:
+            self.writer.write(
+                self.name + BLOB + self.spec.method, _bytes(quant_state_blob(self.shape, self.dtype, self.spec, None))
+            )
+
+    def write_rows(self, start: int, rows: torch.Tensor) -> None:
+        cols = math.prod(self.shape[1:])
+        if self.spec.method == "int8":
+            q, scb = quant.quantize_int8(rows.reshape(len(rows), cols).to(torch.float16))  # as bnb's Int8Params
+            self.writer.write(self.name, q.cpu(), start * cols)
+            self.writer.write(self.name.removesuffix(".weight") + ".SCB", scb.cpu(), start * 4)
+        else:
+            e0, bs = start * cols, self.spec.blocksize
+            assert e0 % bs == 0, "a 4-bit chunk must start on a block boundary"
+            packed, absmax = quant.quantize_blocks_4bit(rows.reshape(-1), bs, self.spec.method)
+            self.writer.write(self.name, packed.cpu(), e0 // 2)
+            if not self.spec.double_quant:
+                self.writer.write(self.name + ".absmax", absmax.cpu(), e0 // bs * 4)
+            else:
+                with self._lock:
+                    if self._absmax is None:
+                        self._absmax = torch.empty(-(-math.prod(self.shape) // bs), device=absmax.device)
+                self._absmax[e0 // bs : e0 // bs + len(absmax)] = absmax
+        with self._lock:
+            self._rows_left -= len(rows)
+            last = self._rows_left == 0
+        if last and self._absmax is not None:
+            qabsmax, nested, offset = quant.double_quantize(self._absmax)
+            self.writer.write(self.name + ".absmax", qabsmax.cpu())
+            self.writer.write(self.name + ".nested_absmax", nested.cpu())
+            blob = quant_state_blob(self.shape, self.dtype, self.spec, offset)
+            self.writer.write(self.name + BLOB + self.spec.method, _bytes(blob))
+            self._absmax = None
+
+
+def _bytes(data: bytes) -> torch.Tensor:
+    return torch.tensor(list(data), dtype=torch.uint8)
+
+
+def quantize_tensor(writer: ShardWriter, name: str, tensor: torch.Tensor, spec: QuantSpec, chunk_elements: int) -> None:
+    """Quantize a whole in-memory tensor into its planned serialized tensors, in row chunks."""
+    dtype = DTYPE_NAMES[tensor.dtype]
+    sink = StreamingQuantizer(writer, name, tuple(tensor.shape), dtype, spec)
+    step = max(1, chunk_elements // max(1, math.prod(tensor.shape[1:])))
+    g = chunk_rows(tuple(tensor.shape), spec)
+    step = max(g, step // g * g)
+    for start in range(0, tensor.shape[0], step):
+        sink.write_rows(start, tensor[start : start + step])
