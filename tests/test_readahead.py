@@ -92,7 +92,7 @@ def test_the_command_line_starts_it_before_the_command_runs(tmp_path, monkeypatc
     monkeypatch.setattr(sys, "argv", ["/venv/bin/convert", *args])
     monkeypatch.delenv("CONVERT_READAHEAD", raising=False)
     result = CliRunner().invoke(main, args)
-    assert result.exit_code == 2 and "config.json" in result.output  # an empty base: refused, after the start
+    assert result.exit_code == 2 and "no model.safetensors" in result.output  # an empty base: refused, after the start
     assert recorded_starts == [str(tmp_path / "base")]
     monkeypatch.setenv("CONVERT_READAHEAD", "0")
     CliRunner().invoke(main, args)
