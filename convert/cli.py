@@ -16,6 +16,7 @@ from convert import readahead
 from convert.cli_options import hub_options, quantization_options
 from convert.options import DEFAULT_CHUNK_BYTES, LoftQOptions, MergeOptions, OutputOptions, VerifyOptions, default
 from formats.bnb_names import METHODS, QUANT_TYPES
+from formats.dtypes import OUTPUT_DTYPES
 from formats.errors import ConvertError
 
 
@@ -106,7 +107,7 @@ def report(result, quiet: bool) -> None:
 )
 @click.option(
     "--dtype",
-    type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
+    type=click.Choice(list(OUTPUT_DTYPES)),
     default=default(MergeOptions, "dtype"),
     show_default=True,
     help="Dtype of floating-point output tensors; auto keeps the base's dtype.",

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from formats.dtypes import TORCH_NAMES
+
 # Copied as they are, from the base and then from the adapter (which wins: training
 # may have added tokens or a chat template).
 SIDE_FILES = (
@@ -24,7 +26,6 @@ SIDE_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-TORCH_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 
 
 def copy_side_files(sources: list[Path], out_dir: Path) -> list[str]:
@@ -40,10 +41,10 @@ def copy_side_files(sources: list[Path], out_dir: Path) -> list[str]:
 def write_config(config: dict, out_dir: Path, dtype: str | None, updates: dict) -> None:
     """Write config.json with the output dtype recorded under the key(s) transformers reads."""
     config = {**config, **updates}
-    if dtype in TORCH_DTYPE_NAMES:
+    if dtype in TORCH_NAMES:
         keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
         for key in keys:
-            config[key] = TORCH_DTYPE_NAMES[dtype]
+            config[key] = TORCH_NAMES[dtype]
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from formats.dtypes import FLOAT_DTYPES  # noqa: F401  (re-exported: callers know it from here)
 from formats.errors import ConvertError
 
 # safetensors dtype names <-> torch dtypes (the subset torch can hold).
@@ -45,7 +46,6 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 # A real header is a few MB at most (a 70B model with 3000 tensors is ~300 KB);
 # anything bigger is a hostile file trying to make us allocate.

@@ -13,11 +13,11 @@ from convert.plan.lora import BiasDelta, Delta, check_config, low_rank_delta, sc
 from formats import bnb
 from formats.adapter import Adapter
 from formats.checkpoint import Checkpoint
+from formats.dtypes import OUTPUT_DTYPES
 from formats.errors import ConvertError
 from formats.safetensors_file import FLOAT_DTYPES, TensorInfo
 from formats.writer import PlannedTensor
 
-OUTPUT_DTYPES = {"auto": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 LM_HEAD = "lm_head.weight"
 
 
