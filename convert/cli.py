@@ -13,8 +13,16 @@ import sys
 import click
 
 from convert import readahead
-from convert.cli_options import hub_options, quantization_options
-from convert.options import DEFAULT_CHUNK_BYTES, LoftQOptions, MergeOptions, OutputOptions, VerifyOptions, default
+from convert.cli_options import defaulted, hub_options, quantization_options, stacked
+from convert.options import (
+    DEFAULT_CHUNK_BYTES,
+    MERGE_INTO,
+    SVD_METHODS,
+    LoftQOptions,
+    MergeOptions,
+    OutputOptions,
+    VerifyOptions,
+)
 from formats.bnb_names import METHODS, QUANT_TYPES
 from formats.dtypes import OUTPUT_DTYPES
 from formats.errors import ConvertError
@@ -39,34 +47,28 @@ def main() -> None:
 
 def output_options(command):
     """Where a command computes and how it writes its output: the options of every command that writes a model."""
-    options = [
-        click.option(
-            "--device",
-            default=default(OutputOptions, "device"),
-            show_default=True,
-            metavar="auto|cpu|cuda|cuda:N|cuda:0,cuda:1|cuda:all",
-            help="Where to compute; auto uses CUDA when available. Several GPUs (merge) share the adapted tensors.",
-        ),
-        click.option(
-            "--max-shard-size",
-            default=default(OutputOptions, "max_shard_size"),
-            show_default=True,
-            metavar="SIZE",
-            help="Largest output shard, parsed as transformers does (5GB = 5e9 bytes, 2GiB = 2**31).",
-        ),
-        click.option(
-            "--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty (once the new one is done)."
-        ),
-        click.option(
-            "--resume",
-            is_flag=True,
-            help="Continue the interrupted run of this same command on OUT, keeping the shards it finished.",
-        ),
-        click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return hub_options(command)
+    return hub_options(
+        stacked(
+            command,
+            [
+                defaulted(
+                    "--device",
+                    OutputOptions,
+                    "Where to compute; auto uses CUDA when available. Several GPUs (merge) share the adapted tensors.",
+                    metavar="auto|cpu|cuda|cuda:N|cuda:0,cuda:1|cuda:all",
+                ),
+                defaulted(
+                    "--max-shard-size",
+                    OutputOptions,
+                    "Largest output shard, parsed as transformers does (5GB = 5e9 bytes, 2GiB = 2**31).",
+                    metavar="SIZE",
+                ),
+                click.option("--overwrite", is_flag=True, help="Replace OUT if not empty (once the new one is done)."),
+                click.option("--resume", is_flag=True, help="Continue the interrupted run of this command on OUT."),
+                click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line."),
+            ],
+        )
+    )
 
 
 def merge_options(command):
@@ -81,9 +83,7 @@ def merge_options(command):
             help="Memory budget of one row chunk in fp32; larger tensors are processed in row chunks.",
         ),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return output_options(quantization_options(command))
+    return output_options(quantization_options(stacked(command, options)))
 
 
 def report(result, quiet: bool) -> None:
@@ -105,20 +105,18 @@ def report(result, quiet: bool) -> None:
     help="PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors or .bin) or Hub repo id. "
     "Without it the base is only rewritten (resharded or cast).",
 )
-@click.option(
+@defaulted(
     "--dtype",
+    MergeOptions,
+    "Dtype of floating-point output tensors; auto keeps the base's dtype.",
     type=click.Choice(list(OUTPUT_DTYPES)),
-    default=default(MergeOptions, "dtype"),
-    show_default=True,
-    help="Dtype of floating-point output tensors; auto keeps the base's dtype.",
 )
-@click.option(
+@defaulted(
     "--merge-into",
-    type=click.Choice(["original", "dequantized"]),
-    default=default(MergeOptions, "merge_into"),
-    show_default=True,
-    help="dequantized: add the delta to each Linear weight of a 16-bit base rounded through --train-quant "
+    MergeOptions,
+    "dequantized: add the delta to each Linear weight of a 16-bit base rounded through --train-quant "
     "(what a QLoRA adapter was trained against); original: to the 16-bit weights as they are.",
+    type=click.Choice(MERGE_INTO),
 )
 @click.option(
     "--train-quant",
@@ -166,32 +164,18 @@ def inspect_command(path, as_json, revision, token) -> None:
 @click.option("--adapter", metavar="DIR", help="Adapter directory the merge read (none: a plain rewrite).")
 @click.option("--merged", required=True, metavar="DIR", help="The merged model to check.")
 @click.option("--sample", type=click.IntRange(min=1), metavar="N", help="Check N random tensors (default: all).")
-@click.option("--seed", type=int, default=default(VerifyOptions, "seed"), show_default=True, help="Seed of --sample.")
-@click.option(
-    "--atol", type=float, default=default(VerifyOptions, "atol"), show_default=True, help="Largest error accepted."
-)
-@click.option("--device", default=default(VerifyOptions, "device"), show_default=True, metavar="cpu|cuda|cuda:N")
-@click.option(
+@defaulted("--seed", VerifyOptions, "Seed of the --sample choice.", type=int)
+@defaulted("--atol", VerifyOptions, "Largest absolute error accepted.", type=float)
+@defaulted("--device", VerifyOptions, "Where to recompute.", metavar="cpu|cuda|cuda:N")
+@defaulted(
     "--merge-into",
-    type=click.Choice(["original", "dequantized"]),
-    default=default(VerifyOptions, "merge_into"),
-    show_default=True,
-    help="As the merge was given it: dequantized recomputes a QLoRA merge into the round-tripped weights.",
+    VerifyOptions,
+    "As the merge was given it: dequantized recomputes a QLoRA merge into the round-tripped weights.",
+    type=click.Choice(MERGE_INTO),
 )
 @click.option("--train-quant", type=click.Choice(METHODS), help="As the merge was given it (--merge-into dequantized).")
-@click.option(
-    "--blocksize",
-    type=int,
-    default=default(VerifyOptions, "blocksize"),
-    show_default=True,
-    help="--train-quant's blocksize.",
-)
-@click.option(
-    "--double-quant/--no-double-quant",
-    default=default(VerifyOptions, "double_quant"),
-    show_default=True,
-    help="--train-quant's double quantization.",
-)
+@defaulted("--blocksize", VerifyOptions, "--train-quant's blocksize.", type=int)
+@defaulted("--double-quant/--no-double-quant", VerifyOptions, "--train-quant's double quantization.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, for scripts.")
 def verify_command(base, adapter, merged, as_json, **options) -> None:
     """Recompute merged tensors from base + adapter and compare them with a merged model (exit 1 on mismatch)."""
@@ -210,33 +194,25 @@ def verify_command(base, adapter, merged, as_json, **options) -> None:
     metavar="DIR",
     help="Output: a 4-bit bitsandbytes base in DIR and the LoRA adapter in DIR/adapter.",
 )
-@click.option("--bits", type=int, default=default(LoftQOptions, "bits"), show_default=True, help="4; 8 is refused.")
-@click.option("--rank", type=int, default=default(LoftQOptions, "rank"), show_default=True, help="LoRA rank r.")
-@click.option(
-    "--alpha", type=float, default=default(LoftQOptions, "alpha"), show_default=True, help="lora_alpha (alpha/r)."
-)
+@defaulted("--bits", LoftQOptions, "Quantization bits (4; 8 is refused).", type=int)
+@defaulted("--rank", LoftQOptions, "LoRA rank r.", type=int)
+@defaulted("--alpha", LoftQOptions, "lora_alpha (scaling alpha/r).", type=float)
 @click.option("--use-rslora", is_flag=True, help="rsLoRA scaling alpha/sqrt(r), accounted for in A and B.")
-@click.option(
-    "--iters", type=int, default=default(LoftQOptions, "iters"), show_default=True, help="LoftQ alternations."
-)
-@click.option(
+@defaulted("--iters", LoftQOptions, "LoftQ alternating iterations.", type=int)
+@defaulted(
     "--target-modules",
-    default=default(LoftQOptions, "target_modules"),
-    show_default=True,
+    LoftQOptions,
+    "Linear layers to initialize, by PEFT's name matching; the other linear layers are only quantized.",
     metavar="all-linear|q_proj,v_proj,...",
     callback=lambda ctx, param, value: value if value == "all-linear" else [t for t in value.split(",") if t],
-    help="Linear layers to initialize, by PEFT's name matching; the other linear layers are only quantized.",
 )
-@click.option(
-    "--quant-type", type=click.Choice(QUANT_TYPES), default=default(LoftQOptions, "quant_type"), show_default=True
-)
+@defaulted("--quant-type", LoftQOptions, "4-bit data type.", type=click.Choice(QUANT_TYPES))
 @click.option("--double-quant", is_flag=True, help="Quantize the absmax statistics too (bnb_4bit_use_double_quant).")
-@click.option(
+@defaulted(
     "--svd",
-    type=click.Choice(["randomized", "exact"]),
-    default=default(LoftQOptions, "svd"),
-    show_default=True,
-    help="Truncated SVD of each residual: randomized (fast) or a full SVD as PEFT.",
+    LoftQOptions,
+    "Truncated SVD of each residual: randomized (fast) or a full SVD as PEFT.",
+    type=click.Choice(SVD_METHODS),
 )
 @click.option("--save-dequantized", is_flag=True, help="Also write the 16-bit dequantized Q base to DIR/dequantized.")
 @output_options

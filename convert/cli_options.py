@@ -55,55 +55,65 @@ def hub_options(command):
         target = HubTarget(push_to_hub, private, push_revision, commit_message) if push_to_hub else None
         return command(*args, push_to_hub=target, **kwargs)
 
-    for option in reversed(OPTIONS):
-        with_hub = option(with_hub)
-    return with_hub
+    return stacked(with_hub, OPTIONS)
+
+
+def defaulted(flag: str, options: type, help: str, **kwargs):
+    """A click option whose default is the ``convert.options`` field named like the flag, shown in ``--help``."""
+    name = flag.split("/")[0].lstrip("-").replace("-", "_")
+    value = default(options, name)
+    if isinstance(kwargs.get("type"), click.Choice) and not isinstance(value, str):
+        value = str(value)  # a Choice of numbers, as --blocksize
+    return click.option(flag, default=value, show_default=True, help=help, **kwargs)
+
+
+def stacked(command, options: list):
+    """``command`` decorated with ``options`` in the order they are listed (so ``--help`` shows them so)."""
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 def quantization_options(command):
     """The bitsandbytes options of merge and quantize, in BitsAndBytesConfig's terms."""
-    options = [
-        click.option(
-            "--quantize",
-            type=click.Choice(METHODS),
-            help="Write a pre-quantized bitsandbytes checkpoint (lm_head and --skip-modules stay 16-bit).",
-        ),
-        click.option(
-            "--double-quant/--no-double-quant",
-            default=default(MergeOptions, "double_quant"),
-            show_default=True,
-            help="Quantize the 4-bit absmax again (bnb_4bit_use_double_quant).",
-        ),
-        click.option(
-            "--blocksize",
-            type=click.Choice([str(b) for b in BLOCKSIZES]),
-            default=str(default(MergeOptions, "blocksize")),
-            show_default=True,
-            callback=lambda ctx, param, value: int(value),
-            help="Values per 4-bit quantization block.",
-        ),
-        click.option(
-            "--quant-storage",
-            type=click.Choice(list(STORAGE)),
-            default=default(MergeOptions, "quant_storage"),
-            show_default=True,
-            help="dtype the packed 4-bit data is stored as (bnb_4bit_quant_storage).",
-        ),
-        click.option(
-            "--compute-dtype",
-            type=click.Choice(COMPUTE_DTYPES),
-            default=default(MergeOptions, "compute_dtype"),
-            show_default=True,
-            help="bnb_4bit_compute_dtype recorded in the config; auto = the output dtype.",
-        ),
-        click.option(
-            "--skip-modules",
-            multiple=True,
-            metavar="NAMES",
-            callback=lambda ctx, param, value: tuple(m for arg in value for m in arg.split(",") if m),
-            help="Modules kept 16-bit besides lm_head (repeat or comma-separate), matched as transformers does.",
-        ),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    return stacked(
+        command,
+        [
+            click.option(
+                "--quantize",
+                type=click.Choice(METHODS),
+                help="Write a pre-quantized bitsandbytes checkpoint (lm_head and --skip-modules stay 16-bit).",
+            ),
+            defaulted(
+                "--double-quant/--no-double-quant",
+                MergeOptions,
+                "Quantize the 4-bit absmax again (bnb_4bit_use_double_quant).",
+            ),
+            defaulted(
+                "--blocksize",
+                MergeOptions,
+                "Values per 4-bit quantization block.",
+                type=click.Choice([str(b) for b in BLOCKSIZES]),
+                callback=lambda ctx, param, value: int(value),
+            ),
+            defaulted(
+                "--quant-storage",
+                MergeOptions,
+                "dtype the packed 4-bit data is stored as (bnb_4bit_quant_storage).",
+                type=click.Choice(list(STORAGE)),
+            ),
+            defaulted(
+                "--compute-dtype",
+                MergeOptions,
+                "bnb_4bit_compute_dtype recorded in the config; auto = the output dtype.",
+                type=click.Choice(COMPUTE_DTYPES),
+            ),
+            click.option(
+                "--skip-modules",
+                multiple=True,
+                metavar="NAMES",
+                callback=lambda ctx, param, value: tuple(m for arg in value for m in arg.split(",") if m),
+                help="Modules kept 16-bit besides lm_head (repeat or comma-separate), matched as transformers does.",
+            ),
+        ],
+    )

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 DEFAULT_CHUNK_BYTES = 8 << 20  # a row chunk's memory budget in fp32: cache-sized tiles, a few MB per worker
 DEFAULT_SHARD_SIZE = "5GB"  # transformers' save_pretrained default
+MERGE_INTO = ("original", "dequantized")  # add a QLoRA delta to the 16-bit weights, or to their quantization round trip
+SVD_METHODS = ("randomized", "exact")  # LoftQ's truncated SVD: randomized (fast) or a full SVD as PEFT
 
 
 @dataclass(frozen=True)

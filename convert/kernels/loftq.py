@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import torch
 
 from convert.kernels.quant import Quantized4bit, dequantize_4bit, quantize_4bit
+from convert.options import SVD_METHODS
 
-SVD_METHODS = ("randomized", "exact")
 # Sketch width and power iterations of the randomized SVD. With 16 extra columns and
 # 4 power iterations the LoftQ error stays within 0.3% of the exact SVD's on matrices
 # with LLM-like spectra (tests/test_loftq.py), at a few percent of a full SVD's cost.

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from convert.kernels.loftq import SVD_METHODS
+from convert.options import SVD_METHODS
 from convert.plan.lora import lora_scaling
 from convert.plan.quantize import should_quantize
 from formats import bnb

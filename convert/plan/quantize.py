@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from convert.execute.decode import RoundTrip
+from convert.options import MERGE_INTO
 from convert.plan.build import Plan
 from formats import bnb
 from formats.errors import ConvertError
 
-MERGE_INTO = ("original", "dequantized")
 # How PEFT's ``PeftModel.create_or_update_model_card`` records the base's quantization in an adapter's README.md.
 RECORD_PREFIX = "The following `bitsandbytes` quantization config was used during training:"
 
