@@ -14,33 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from convert.cli import main
 from formats.errors import ConvertError
-from tests.conftest import TINY, make_adapter, make_base, transformers
-
-
-def tree_digest(path: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(path.rglob("*"))
-        if p.is_file()
-    }
-
-
-def run_failing(tmp_path: Path, base: Path, adapter: Path | None, out: Path | None = None, *extra: str) -> str:
-    """Run `convert merge`, expect exit 2 and a one-line error; check nothing was written or modified."""
-    out = out or tmp_path / "out"
-    inputs = {p: tree_digest(p) for p in (base, adapter) if p is not None and p.is_dir()}
-    out_before = tree_digest(out) if out.is_dir() else None
-    args = ["merge", "--base", str(base), "--out", str(out), *extra]
-    if adapter is not None:
-        args += ["--adapter", str(adapter)]
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 2, result.output
-    message = result.stderr.strip()
-    assert message.startswith("error: ") and "\n" not in message, message
-    assert (tree_digest(out) if out.is_dir() else None) == out_before
-    assert not list(out.parent.glob(f".{out.name}.*")), "temporary output left behind"
-    assert {p: tree_digest(p) for p in inputs} == inputs, "an input was modified"
-    return message
+from tests.helpers import TINY, make_adapter, make_base, run_failing, transformers
 
 
 @pytest.fixture

@@ -31,44 +31,29 @@ from formats.bnb import QuantSpec, serialized_tensors
 from formats.checkpoint import open_checkpoint
 from formats.safetensors_file import DTYPE_NAMES
 from formats.writer import ShardWriter
-from tests.conftest import (
+from tests.helpers import (
+    BNB,
     DTYPES,
-    SIZES,
     assert_equal_or_1ulp,
+    dequantized_merge,
     load_output,
+    load_quantized,
     make_adapter,
     make_base,
-    peft,
+    make_base64,
+    quantize_with_transformers,
     read_config,
+    run_failing,
     transformers,
 )
-from tests.test_bad_input import run_failing
 
-SIZES64 = {**SIZES, "hidden_size": 64, "intermediate_size": 128, "tie_word_embeddings": False}  # rows of 64k
-BNB = {
-    "nf4-dq": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
-    "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
-    "fp4-dq": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True),
-    "int8": dict(load_in_8bit=True),
-}
 IDS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
-def make_base64(path: Path, dtype: str = "bf16") -> Path:
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**SIZES64)).to(DTYPES[dtype])
-    model.save_pretrained(path)
-    return path
 
 
-def load_quantized(path: Path, dtype: torch.dtype | str = "auto", **bnb):
-    config = dict(quantization_config=transformers.BitsAndBytesConfig(**bnb)) if bnb else {}
-    return transformers.AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=dtype, **config)
 
 
-def quantize_with_transformers(base: Path, out: Path, kind: str) -> Path:
-    load_quantized(base, **BNB[kind]).save_pretrained(out)
-    return out
 
 
 def logits(model) -> torch.Tensor:
@@ -76,11 +61,6 @@ def logits(model) -> torch.Tensor:
         return model(input_ids=IDS).logits.float()
 
 
-def dequantized_merge(quantized: Path, adapter: Path, dtype: torch.dtype = torch.bfloat16):
-    """The reference: transformers dequantizes the bnb model, PEFT merges the adapter into it, in fp32
-    (as PEFT merges into a bnb layer: dequantized weight + fp32 delta), rounded once to ``dtype``."""
-    model = load_quantized(quantized, dtype=torch.float32).dequantize()
-    return peft.PeftModel.from_pretrained(model, adapter).merge_and_unload().to(dtype)
 
 
 @pytest.fixture(scope="module")
@@ -375,7 +355,7 @@ def test_quantize_tensor_in_chunks_equals_bitsandbytes(shape, dtype, spec, tmp_p
         assert (blob(tensor) == blob(expected[name])) if "quant_state" in name else same_bytes(tensor, expected[name])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the GPU machine)")
+@pytest.mark.gpu
 def test_cuda_quantized_in_and_out(models, tmp_path) -> None:
     """On the GPU: a 4-bit base merges as on the CPU (dequantization rounds once, on every device), and
     --quantize gives the bytes of bitsandbytes' ``quantize_4bit`` of the merged weights. Quantized outputs go
@@ -383,7 +363,7 @@ def test_cuda_quantized_in_and_out(models, tmp_path) -> None:
     its CUDA build rounds the nested absmax of double quantization differently in rare cases."""
     import bitsandbytes.functional as F
 
-    from tests.test_dora import make_dora_adapter
+    from tests.helpers import make_dora_adapter
 
     adapter = models["adapter"]
     dora = make_dora_adapter(tmp_path / "dora", models["base16"], r=4, lora_alpha=8, target_modules="all-linear")

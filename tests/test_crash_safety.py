@@ -25,7 +25,7 @@ from convert import merge
 from convert.cli import main
 from convert.output.stage import JOURNAL, partial_path
 from formats.errors import ConvertError
-from tests.conftest import ROOT, make_adapter, make_base
+from tests.helpers import ROOT, journaled, make_adapter, make_base
 
 OPTIONS = ["--max-shard-size", "20KB", "--chunk-size", "1KiB", "--device", "cpu", "-q"]
 
@@ -64,9 +64,6 @@ def invoke(*args: str):
     return CliRunner().invoke(main, list(args))
 
 
-def journaled(out: Path) -> list[str]:
-    lines = (partial_path(out) / JOURNAL).read_text().splitlines()
-    return [json.loads(line)["shard"] for line in lines[1:]]
 
 
 FAULTS = {
@@ -332,7 +329,7 @@ def tree_digest(path: Path) -> dict[str, str]:
 @pytest.mark.parametrize("fault", ["job:5", "after-shard:2", "before-rename"])
 def test_loftq_init_kill_then_resume_is_byte_identical(fault, tmp_path):
     """loftq-init stages its output like merge: a kill leaves no finished model; --resume gives the same bytes."""
-    from tests.test_loftq_init import make_base as make_wide_base  # 64-wide rows: whole 4-bit blocks
+    from tests.helpers import make_wide_base  # 64-wide rows: whole 4-bit blocks
 
     base = make_wide_base(tmp_path / "base", "llama", "bf16")
     args = ["loftq-init", "--base", str(base), "--rank", "2", "--iters", "2", "--max-shard-size", "12KB"]

@@ -2,33 +2,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from convert import merge
-from tests.conftest import DTYPES, assert_equal_or_1ulp, load_output, make_adapter, make_base, peft_model, transformers
-from tests.test_merge_peft import CASES as LORA_CASES
-
-
-def make_dora_adapter(path: Path, base: Path, seed: int = 1, **lora_kwargs) -> Path:
-    """A DoRA adapter whose magnitudes differ from the weight norms.
-
-    PEFT initialises ``m = ||W + s*B@A||``, which makes every DoRA factor 1 and a
-    wrong norm invisible; training moves m, so the test moves it too."""
-    make_adapter(path, base, seed=seed, use_dora=True, **lora_kwargs)
-    weights = path / "adapter_model.safetensors"
-    state = load_file(weights)
-    generator = torch.Generator().manual_seed(seed)
-    magnitudes = [k for k in state if k.endswith("lora_magnitude_vector")]
-    assert magnitudes
-    for k in magnitudes:
-        state[k] = state[k] * (1 + 0.3 * torch.rand(state[k].shape, generator=generator))
-    save_file(state, weights, metadata={"format": "pt"})
-    return path
-
+from tests.helpers import (
+    DTYPES,
+    LORA_CASES,
+    assert_equal_or_1ulp,
+    load_output,
+    make_base,
+    make_dora_adapter,
+    peft_model,
+    transformers,
+)
 
 CASES = {  # name: (arch, dtype, LoraConfig kwargs): the LoRA cases' shapes and options, and DoRA's own
     **{
@@ -95,7 +83,7 @@ def test_dora_differs_from_plain_lora(tmp_path) -> None:
 def test_dora_from_4bit_base_equals_peft_on_dequantized_model(kind, tmp_path) -> None:
     """A QLoRA-style DoRA merge: the 4-bit base is dequantized as read, then merged exactly as PEFT
     merges into the dequantized model (fp32 delta and norms, rounded once to bf16)."""
-    from tests.test_bnb_checkpoints import dequantized_merge, make_base64, quantize_with_transformers
+    from tests.helpers import dequantized_merge, make_base64, quantize_with_transformers
 
     base = make_base64(tmp_path / "base16")
     adapter = make_dora_adapter(tmp_path / "adapter", base, r=4, lora_alpha=8, target_modules="all-linear")

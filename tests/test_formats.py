@@ -14,7 +14,7 @@ from convert import merge
 from formats.errors import ConvertError
 from formats.safetensors_file import DTYPES, read_header, read_tensor
 from formats.writer import PlannedTensor, ShardWriter, parse_size
-from tests.conftest import load_output, read_config
+from tests.helpers import load_output, read_config
 
 transformers_hub = pytest.importorskip("transformers.utils.hub")
 

@@ -8,12 +8,10 @@ import pytest
 import torch
 
 from convert import ConvertError, merge
-from tests.conftest import DTYPES, load_output, make_adapter, make_base, peft_model, ulp_distance
-
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the GPU machine)")
+from tests.helpers import DTYPES, load_output, make_adapter, make_base, peft_model, ulp_distance
 
 
-@cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
 def test_cuda_merge_matches_peft(dtype, tmp_path):
     base = make_base(tmp_path / "base", "llama", dtype)
@@ -29,7 +27,7 @@ def test_cuda_merge_matches_peft(dtype, tmp_path):
             assert ulp_distance(tensor, ref) <= 1, name
 
 
-@cuda
+@pytest.mark.gpu
 def test_cuda_chunked_equals_whole_and_conv1d(tmp_path):
     base = make_base(tmp_path / "base", "gpt2", "bf16")
     adapter = make_adapter(

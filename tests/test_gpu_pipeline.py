@@ -13,10 +13,7 @@ from convert.execute.gpu import assign, on_gpu
 from convert.plan.build import build_plan
 from formats.adapter import open_adapter
 from formats.checkpoint import open_checkpoint
-from tests.conftest import DTYPES, load_output, make_base, peft_model, ulp_distance
-from tests.test_dora import make_dora_adapter
-
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the GPU machine)")
+from tests.helpers import DTYPES, load_output, make_base, make_dora_adapter, peft_model, ulp_distance
 
 
 def tiny_plan(tmp_path: Path):
@@ -85,7 +82,7 @@ GPU_CASES = {
 }
 
 
-@cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES)
 def test_cuda_dora_matches_peft(case, tmp_path) -> None:
     arch, dtype, kwargs = GPU_CASES[case]
@@ -96,7 +93,7 @@ def test_cuda_dora_matches_peft(case, tmp_path) -> None:
     assert_matches_peft(tmp_path / "out", base, adapter, dtype)
 
 
-@cuda
+@pytest.mark.gpu
 def test_cuda_same_gpu_twice_and_small_chunks_equal_one_pipeline(tmp_path) -> None:
     """Two pipelines on one GPU (the multi-GPU path), and row chunks cycling through the slots, change no bit."""
     base = make_base(tmp_path / "base", "llama", "bf16")
@@ -111,7 +108,7 @@ def test_cuda_same_gpu_twice_and_small_chunks_equal_one_pipeline(tmp_path) -> No
     assert_matches_peft(tmp_path / "one", base, adapter, "bf16")
 
 
-@cuda
+@pytest.mark.gpu
 def test_cuda_cast_and_dtype_change(tmp_path) -> None:
     """--dtype fp32 from a bf16 base: the kernel writes the wider dtype after its input; casts run on the CPU."""
     base = make_base(tmp_path / "base", "llama", "bf16")

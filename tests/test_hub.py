@@ -22,9 +22,8 @@ from huggingface_hub.utils import _http, close_session
 import formats.hub
 from convert.cli import main
 from formats.writer import PlannedTensor, ShardWriter
-from tests.conftest import ROOT, make_adapter, make_base
+from tests.helpers import ROOT, journaled, make_adapter, make_base
 from tests.hub_server import FakeHub
-from tests.test_crash_safety import journaled
 
 merge_module = sys.modules["convert.commands.merge"]  # the package's `merge` attribute is the function
 TOKEN = "hf_test_secret_token_0123456789"
@@ -262,7 +261,7 @@ def test_bin_base_and_adapter_from_repos_pinned_at_a_commit(hub, tmp_path):
     """Pickled checkpoints have no remote header: they are downloaded whole (weights_only) and merged the same."""
     import torch
 
-    from tests.conftest import load_output
+    from tests.helpers import load_output
 
     base = make_base(tmp_path / "base", "llama")
     adapter = make_adapter(tmp_path / "adapter", base, safe=False, r=4, lora_alpha=8, target_modules="all-linear")
@@ -324,7 +323,7 @@ def invoke_ok(*args: str) -> None:
 
 def test_loftq_init_from_a_repo_id_pushes_base_and_adapter(models, hub, tmp_path):
     """loftq-init reads a Hub base shard by shard and pushes the 4-bit base with its adapter in one commit."""
-    from tests.test_loftq_init import make_base as make_wide_base  # 64-wide rows: whole 4-bit blocks
+    from tests.helpers import make_wide_base  # 64-wide rows: whole 4-bit blocks
 
     wide = make_wide_base(tmp_path / "wide", "llama", "bf16")
     hub.add_repo("org/wide", {p.name: p.read_bytes() for p in wide.iterdir() if p.is_file()})

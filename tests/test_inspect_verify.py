@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from convert import merge
 from convert.cli import main
 from formats.safetensors_file import read_header
-from tests.conftest import make_adapter, make_base, transformers
+from tests.helpers import make_adapter, make_base, transformers
 
 
 def invoke_json(*args: str) -> dict:

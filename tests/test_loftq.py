@@ -151,7 +151,7 @@ def test_deterministic_and_rejects_bad_input():
         loftq_matrix(W, rank=4, iters=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the GPU machine)")
+@pytest.mark.gpu
 def test_cuda_memory_and_agreement_with_cpu():
     W = llm_like(2048, 2048, seed=1).to(torch.bfloat16)
     w = W.cuda()

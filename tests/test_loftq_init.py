@@ -18,23 +18,7 @@ from convert.kernels.loftq import LoftQMatrix, loftq_matrix
 from convert.kernels.quant import dequantize_4bit
 from convert.plan.lora import lora_scaling
 from formats.errors import ConvertError
-from tests.conftest import DTYPES, SIZES, load_output, peft, transformers
-
-# bitsandbytes 0.50's CPU dequantization is wrong for rows that are not a multiple of its block size (64):
-# the models here have 64-wide layers (the shared tiny models are 32 wide).
-WIDE = {**SIZES, "hidden_size": 64, "intermediate_size": 128}
-CONFIGS = {
-    "llama": lambda: transformers.LlamaConfig(**WIDE, tie_word_embeddings=False),
-    "qwen2": lambda: transformers.Qwen2Config(**WIDE, tie_word_embeddings=True),
-    "gpt2": lambda: transformers.GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64),
-}
-
-
-def make_base(path, arch: str, dtype: str = "fp32", seed: int = 0):
-    torch.manual_seed(seed)
-    transformers.AutoModelForCausalLM.from_config(CONFIGS[arch]()).to(DTYPES[dtype]).save_pretrained(path)
-    return path
-
+from tests.helpers import WIDE_CONFIGS, load_output, make_wide_base, peft, transformers
 
 CASES = {
     # name: (arch, dtype, loftq_init kwargs)
@@ -76,7 +60,7 @@ def test_loftq_init_loads_in_transformers_and_peft(case, tmp_path):
     device = kwargs.get("device", "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA (run on the GPU machine)")
-    base = make_base(tmp_path / "base", arch, dtype)
+    base = make_wide_base(tmp_path / "base", arch, dtype)
     result = loftq_init(base, tmp_path / "out", **{"device": "cpu", **kwargs})
     settings = {"rank": 16, "alpha": 16, "use_rslora": False, "quant_type": "nf4", "double_quant": False} | kwargs
     scaling = lora_scaling(settings["rank"], settings["alpha"], settings["use_rslora"])
@@ -144,7 +128,7 @@ def test_loftq_init_loads_in_transformers_and_peft(case, tmp_path):
 
 
 def test_adapter_config_and_dequantized_base(tmp_path):
-    base = make_base(tmp_path / "base", "llama", "bf16")
+    base = make_wide_base(tmp_path / "base", "llama", "bf16")
     loftq_init(base, tmp_path / "out", rank=4, alpha=8, iters=2, device="cpu", save_dequantized=True)
     config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8 and config["peft_type"] == "LORA"
@@ -178,7 +162,7 @@ def test_adapter_config_and_dequantized_base(tmp_path):
     ],
 )
 def test_bad_input_is_a_clear_error(args, message, tmp_path):
-    base = make_base(tmp_path / "base", "llama")
+    base = make_wide_base(tmp_path / "base", "llama")
     before = sorted((p.name, p.stat().st_mtime_ns) for p in base.iterdir())
     run = CliRunner().invoke(main, ["loftq-init", "--base", str(base), "--out", str(tmp_path / "out"), *args])
     assert run.exit_code == 2, run.output
@@ -188,7 +172,7 @@ def test_bad_input_is_a_clear_error(args, message, tmp_path):
 
 
 def test_cli_summary_and_refuses_conv1d(tmp_path):
-    base = make_base(tmp_path / "base", "llama")
+    base = make_wide_base(tmp_path / "base", "llama")
     out = tmp_path / "out"
     run = CliRunner().invoke(
         main, ["loftq-init", "--base", str(base), "--out", str(out), "--rank", "2", "--iters", "1"]
@@ -197,7 +181,7 @@ def test_cli_summary_and_refuses_conv1d(tmp_path):
     assert "LoftQ-initialized 14 matrices" in run.output
     with pytest.raises(ConvertError, match="exists and is not empty"):
         loftq_init(base, out)
-    gpt2 = make_base(tmp_path / "gpt2", "gpt2")
+    gpt2 = make_wide_base(tmp_path / "gpt2", "gpt2")
     with pytest.raises(ConvertError, match="Conv1D"):
         loftq_init(gpt2, tmp_path / "out2")
 
@@ -205,7 +189,7 @@ def test_cli_summary_and_refuses_conv1d(tmp_path):
 @pytest.mark.parametrize("save", [dict(safe_serialization=False), dict(max_shard_size="100KB")])
 def test_bin_and_sharded_bases_give_the_same_output(save, tmp_path):
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(CONFIGS["llama"]()).to(torch.bfloat16)
+    model = transformers.AutoModelForCausalLM.from_config(WIDE_CONFIGS["llama"]()).to(torch.bfloat16)
     model.save_pretrained(tmp_path / "single")
     model.save_pretrained(tmp_path / "other", **save)
     for name in ("single", "other"):
@@ -220,7 +204,7 @@ def test_bin_and_sharded_bases_give_the_same_output(save, tmp_path):
 def test_llm_int8_base_keeps_its_dtype(tmp_path):
     """An LLM.int8 base (saved by transformers) reads as fp32 rows: Q is still quantized from, and recorded as,
     the model's 16-bit dtype, and the output loads in transformers + PEFT."""
-    base = make_base(tmp_path / "base", "llama", "fp16")
+    base = make_wide_base(tmp_path / "base", "llama", "fp16")
     config = transformers.BitsAndBytesConfig(load_in_8bit=True)
     model = transformers.AutoModelForCausalLM.from_pretrained(base, quantization_config=config, device_map="cpu")
     model.save_pretrained(tmp_path / "int8")

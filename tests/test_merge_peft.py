@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from convert import merge
-from tests.conftest import (
+from tests.helpers import (
     DTYPES,
+    LORA_CASES,
     assert_equal_or_1ulp,
     load_output,
     make_adapter,
@@ -17,44 +18,6 @@ from tests.conftest import (
     transformers,
 )
 
-CASES = {
-    # name: (arch, dtype, LoraConfig kwargs)
-    "llama-fp32": ("llama", "fp32", dict(r=4, lora_alpha=8, target_modules="all-linear")),
-    "llama-bf16": ("llama", "bf16", dict(r=8, lora_alpha=16, target_modules="all-linear")),
-    "llama-fp16": ("llama", "fp16", dict(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj", "down_proj"])),
-    "rslora": ("llama", "fp32", dict(r=4, lora_alpha=8, use_rslora=True, target_modules="all-linear")),
-    "rank-alpha-pattern": (
-        "llama",
-        "fp32",
-        dict(
-            r=4,
-            lora_alpha=8,
-            target_modules="all-linear",
-            rank_pattern={"q_proj": 2, r"layers\.1\.mlp\.up_proj": 6},
-            alpha_pattern={"v_proj": 3, "down_proj": 20},
-        ),
-    ),
-    "modules-to-save": (
-        "llama",
-        "fp32",
-        dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head", "o_proj"]),
-    ),
-    "embedding-and-lm-head": (
-        "llama",
-        "fp32",
-        dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head", "k_proj"]),
-    ),
-    "lora-bias": ("qwen2", "fp32", dict(r=4, lora_alpha=8, lora_bias=True, target_modules=["q_proj", "k_proj"])),
-    "gpt2-conv1d": (
-        "gpt2",
-        "fp32",
-        dict(r=4, lora_alpha=8, fan_in_fan_out=True, target_modules=["c_attn", "c_proj", "c_fc"]),
-    ),
-    "gpt2-conv1d-bf16": ("gpt2", "bf16", dict(r=4, lora_alpha=8, fan_in_fan_out=True, target_modules=["c_attn"])),
-    "phi3-fused-qkv": ("phi3", "fp32", dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj"])),
-    "qwen2-untouched-tie": ("qwen2", "bf16", dict(r=4, lora_alpha=8, target_modules="all-linear")),
-}
-
 
 def logits(model, seed: int = 0) -> torch.Tensor:
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(seed))
@@ -62,9 +25,9 @@ def logits(model, seed: int = 0) -> torch.Tensor:
         return model(input_ids=ids).logits.float()
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", LORA_CASES)
 def test_merge_equals_peft(case: str, tmp_path) -> None:
-    arch, dtype, lora_kwargs = CASES[case]
+    arch, dtype, lora_kwargs = LORA_CASES[case]
     base = make_base(tmp_path / "base", arch, dtype)
     adapter = make_adapter(tmp_path / "adapter", base, **lora_kwargs)
     result = merge(base, adapter, tmp_path / "out", device="cpu")

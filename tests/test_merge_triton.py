@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ulp_distance
+from tests.helpers import ulp_distance
 
 ROOT = Path(__file__).resolve().parents[1]
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the GPU machine)")
 
 
 def assert_close_merge(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
@@ -120,6 +119,6 @@ def test_kernels_in_triton_interpreter() -> None:
     assert "checked 19" in done.stdout
 
 
-@cuda
+@pytest.mark.gpu
 def test_kernels_on_cuda() -> None:
     assert run_checks("cuda") == 19

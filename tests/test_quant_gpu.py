@@ -11,12 +11,10 @@ import pytest
 import torch
 
 from convert.kernels import quant as Q
-from tests.test_quant_kernels import bits
-from tests.test_quant_kernels import sample as quant_sample
+from tests.helpers import bits, quant_sample
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 F = pytest.importorskip("bitsandbytes.functional")
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the GPU machine)")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1,), (7,), (4097,), (33, 130), (256, 4096), (1000, 1000)]
@@ -26,7 +24,7 @@ def sample(shape, dtype, blocksize: int, seed: int = 0) -> torch.Tensor:
     return quant_sample(shape, dtype, blocksize, seed, nan=True).cuda()
 
 
-@cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -49,7 +47,7 @@ def test_cuda_4bit_equals_bitsandbytes_cuda(dtype, quant_type, double_quant):
             assert out.is_cuda and torch.equal(bits(out), bits(F.dequantize_4bit(packed, state).view(shape))), case
 
 
-@cuda
+@pytest.mark.gpu
 def test_cuda_chunks_concatenate_to_the_whole_tensor():
     x = sample((300, 4096), torch.bfloat16, 64, seed=1)
     whole = Q.quantize_4bit(x, 64, "nf4", double_quant=True)
@@ -68,7 +66,7 @@ def test_cuda_chunks_concatenate_to_the_whole_tensor():
     assert torch.equal(bits(torch.cat(rows)), bits(Q.dequantize_4bit(whole)))
 
 
-@cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_cuda_equals_the_torch_oracle_where_reciprocals_agree(quant_type):
     """The torch CUDA rule on the CPU uses IEEE 1/absmax where the GPU uses rcp.approx: blocks whose two
@@ -91,7 +89,7 @@ def approx_reciprocal(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cuda_int8_equals_bitsandbytes_cuda(dtype):
     x = torch.randn(300, 1000)
@@ -104,7 +102,7 @@ def test_cuda_int8_equals_bitsandbytes_cuda(dtype):
     assert torch.equal(bits(out), bits(F.int8_vectorwise_dequant(ref_q, ref_scb).to(dtype)))
 
 
-@cuda
+@pytest.mark.gpu
 def test_direct_launches_keep_each_specialization_apart():
     """After the first call of a specialization, launches skip Triton's binding (convert.kernels.launch). Inputs
     that Triton compiles separately (a misaligned address, a size not divisible by 16, a size of 1) must each still

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from convert.kernels import quant as Q
+from tests.helpers import bits, quant_sample
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "no CPU gemm kernel" notice at import
 F = pytest.importorskip("bitsandbytes.functional")
@@ -20,22 +21,8 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1,), (7,), (64,), (200,), (1000,), (4097,), (3, 5), (48, 96), (33, 130), (16, 256)]
 
 
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view({4: torch.int32, 2: torch.int16, 1: torch.uint8}[t.element_size()])
 
 
-def sample(shape, dtype, blocksize: int, seed: int = 0, nan: bool = False) -> torch.Tensor:
-    """Normal values with an all-zero first block, a block with one large outlier (and a NaN) and tiny values."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g).view(-1)
-    n = x.numel()
-    x[: min(n, blocksize)] = 0.0
-    if n > blocksize + 9:
-        x[blocksize + 3] = 80.0
-        x[blocksize + 9] = float("nan") if nan else x[blocksize + 9]
-    if n > 2 * blocksize + 4:
-        x[2 * blocksize : 2 * blocksize + 4] = torch.tensor([1e-3, -1e-3, 1e-6, -0.0])
-    return x.view(shape).to(dtype)
 
 
 def bnb_dequantize(packed, state, shape):
@@ -58,7 +45,7 @@ def test_codes_equal_bitsandbytes():
 def test_quantize_and_dequantize_4bit_equal_bitsandbytes(dtype, quant_type, double_quant):
     for shape in SHAPES:
         for blocksize in Q.BLOCKSIZES:
-            x = sample(shape, dtype, blocksize)
+            x = quant_sample(shape, dtype, blocksize)
             packed, state = F.quantize_4bit(
                 x, blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant
             )
@@ -91,7 +78,7 @@ def test_nan_and_inf_blocks_as_bitsandbytes(quant_type):
 
 
 def test_dequantize_to_another_dtype():
-    x = sample((32, 64), torch.bfloat16, 64)
+    x = quant_sample((32, 64), torch.bfloat16, 64)
     packed, state = F.quantize_4bit(x, blocksize=64, quant_type="nf4")
     q = Q.quantize_4bit(x, 64, "nf4")
     state.dtype = torch.float16
@@ -102,7 +89,7 @@ def test_dequantize_to_another_dtype():
 def test_chunks_concatenate_to_the_whole_tensor(blocksize, rows):
     """The streaming rule of QUANT_API.md: row chunks of whole blocks (the last one shorter), double quant at the
     end; dequantizing the same row chunks gives the whole tensor's rows."""
-    x = sample((97, 640), torch.bfloat16, blocksize, seed=3)
+    x = quant_sample((97, 640), torch.bfloat16, blocksize, seed=3)
     whole = Q.quantize_4bit(x, blocksize, "nf4", double_quant=True)
     parts = [Q.quantize_blocks_4bit(x[i : i + rows], blocksize, "nf4") for i in range(0, 97, rows)]
     assert parts[-1][0].numel() < parts[0][0].numel()

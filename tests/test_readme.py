@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from tests.conftest import ROOT, assert_equal_or_1ulp, load_output, peft_model
+from tests.helpers import ROOT, assert_equal_or_1ulp, load_output, peft_model
 
 EXAMPLE = ROOT / "examples" / "tiny-llama"
 
