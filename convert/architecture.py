@@ -59,6 +59,7 @@ class Architecture:
     module_params: dict[str, list[str]]  # module path -> its own parameter names, in definition order
     base_model_prefix: str
     quantized_modules: set[str]  # modules transformers' bitsandbytes integration replaces (skip rules applied)
+    transposed: set[str]  # expert modules whose 3-D parameters are (experts, in, out): ``is_transposed``
     pieces: dict[str, list[Piece]] = field(default_factory=dict)  # in-memory parameter -> checkpoint pieces
     unsupported: dict[str, str] = field(default_factory=dict)  # in-memory parameter -> why it cannot be mapped
 
@@ -82,6 +83,37 @@ class Architecture:
         return self.pieces.get(param, [])
 
 
+_LOADED: dict[int, tuple[object, Architecture]] = {}
+
+
+def for_checkpoint(ckpt) -> Architecture:
+    """``load`` for a ``formats.checkpoint.Checkpoint``, once per checkpoint object in this process."""
+    found = _LOADED.get(id(ckpt))
+    if found is None or found[0] is not ckpt:
+        found = _LOADED[id(ckpt)] = (ckpt, load(ckpt.directory, ckpt.config, ckpt.tensors))
+    return found[1]
+
+
+def quantized_weights(ckpt) -> dict[str, str]:
+    """Checkpoint weight -> in-memory module, for every module transformers' bitsandbytes integration
+    would quantize (before the user's skip list; ``_keep_in_fp32_modules`` applied), whose weight is one
+    whole checkpoint tensor."""
+    arch = for_checkpoint(ckpt)
+    out = {}
+    for module in sorted(arch.quantized_modules):
+        pieces = arch.pieces.get(f"{module}.weight", [])
+        if len(pieces) == 1 and not pieces[0].index:
+            out[pieces[0].key] = module
+    return out
+
+
+def piece_shape(piece: Piece, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of the checkpoint tensor holding ``piece`` of a parameter of ``shape``."""
+    if not piece.index:
+        return shape
+    return tuple(i[1] - i[0] for i in piece.index if not isinstance(i, int))
+
+
 def load(directory: Path, config: dict, keys: dict[str, TensorInfo]) -> Architecture:
     """Build the model of ``config.json`` on the meta device and map ``keys`` (the checkpoint's) onto it."""
     if not available():
@@ -99,7 +131,8 @@ def load(directory: Path, config: dict, keys: dict[str, TensorInfo]) -> Architec
             name: [n for n, _ in module.named_parameters(recurse=False)] for name, module in model.named_modules()
         },
         base_model_prefix=model.base_model_prefix,
-        quantized_modules=bnb_replaced_modules(model, config),
+        quantized_modules=bnb_replaced_modules(model, config, skip=[]),
+        transposed={name for name, module in model.named_modules() if getattr(module, "is_transposed", False)},
     )
     map_checkpoint(arch, model, keys)
     return arch

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from convert.dora import merge_columns, scale_rows_
-from convert.lora import BiasDelta, LowRankDelta
+from convert.lora import BiasDelta, LowRankDelta, expert_factors, factor_tensors
 from convert.plan import OutputTensor
 from formats import bnb  # the module, not names: it imports convert.kernels, so may be mid-import
 from formats.safetensors_file import DTYPES, read_tensor
@@ -73,7 +73,7 @@ class Factors:
 def load_factors(delta: LowRankDelta | BiasDelta) -> Factors:
     if isinstance(delta, BiasDelta):
         return Factors({"bias": read_tensor(delta.bias).float()}, delta.scaling)
-    A, B = read_tensor(delta.A).float(), read_tensor(delta.B).float()
+    A, B = factor_tensors(delta)
     dora = {"magnitude": read_tensor(delta.magnitude).float()} if delta.magnitude is not None else {}
     if exact_to_prescale(A, B, delta.scaling):
         return Factors({"A": A, "B": B * delta.scaling, **dora}, 1.0)
@@ -119,6 +119,9 @@ def merged_tiles(
     if whole_tensor(work.out):
         yield 0, merge_columns(work.rows, f["B"], f["A"], parts.scale, f["magnitude"], dtype)
         return
+    if isinstance(delta, LowRankDelta) and delta.experts > 1 and delta.expert is None:
+        yield from expert_stack_tiles(work, delta, parts, scratch)
+        return
     for t0, t1 in row_chunks(tuple(work.rows.shape), tile_elements):
         rows = work.rows[t0:t1]
         out = scratch[2].view(dtype)[: rows.numel()].view(rows.shape)
@@ -143,6 +146,26 @@ def merged_tiles(
             scale_rows_(w, f["magnitude"][lo:hi])
         out.copy_(w)
         yield t0, out
+
+
+def expert_stack_tiles(
+    work: Work, delta: LowRankDelta, parts: Factors, scratch: tuple[torch.Tensor, ...]
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """A stack of experts stored as one tensor (rows of its first dimension are experts): one expert's
+    ``W_e + delta_e`` at a time, ``delta_e`` as PEFT's ``ParamWrapper.get_delta_weight`` computes it."""
+    dtype, f = DTYPES[work.out.dtype], parts.tensors
+    for i in range(work.rows.shape[0]):
+        rows = work.rows[i]
+        A, B = expert_factors(f["A"], f["B"], delta.experts, work.start + i)
+        d = torch.mm(B, A, out=scratch[1][: rows.numel()].view(B.shape[0], A.shape[1]))
+        w = scratch[0][: rows.numel()].view(rows.shape)
+        w.copy_(rows)
+        if parts.scale != 1.0:
+            d.mul_(parts.scale)  # PEFT: (B @ A) * scaling, then the add
+        w.add_(d.T if delta.transposed else d)
+        out = scratch[2].view(dtype)[: rows.numel()].view(rows.shape)
+        out.copy_(w)
+        yield i, out.unsqueeze(0)
 
 
 # (device type, rows, cols, rank) -> whether addmm rounds exactly like mm followed by add_.
