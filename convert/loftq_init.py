@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from convert import architecture
 from convert.kernels import quant
 from convert.kernels.quant import Quantized4bit, dequantize_4bit, quantize_4bit
 from convert.loftq import SVD_METHODS, loftq_matrix, lora_scaling
@@ -301,12 +302,14 @@ def check_settings(
 
 
 def linear_weights(ckpt: Checkpoint) -> dict[str, str]:
-    """Module path -> weight name of every layer transformers' bitsandbytes integration quantizes
-    (every ``nn.Linear`` but the output head), told from headers by ``formats.bnb``'s rule."""
+    """In-memory module path (what PEFT names) -> checkpoint weight of every layer transformers'
+    bitsandbytes integration quantizes (every ``nn.Linear`` but the output head), from the model's
+    real module types (``convert.architecture``)."""
+    linear = architecture.quantized_weights(ckpt)
     return {
-        name.removesuffix(".weight"): name
+        linear[name]: name
         for name, info in ckpt.tensors.items()
-        if bnb.should_quantize(name, info.shape, info.dtype, SKIP)
+        if bnb.should_quantize(name, info.shape, info.dtype, SKIP, linear)
     }
 
 

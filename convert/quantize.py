@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from convert import architecture
 from convert.kernels import quant
 from convert.plan import Plan
 from formats import bnb  # the module, not names: it imports convert.kernels, so may be mid-import
@@ -42,11 +43,13 @@ def quantize_plan(plan: Plan, spec: bnb.QuantSpec, config: dict) -> Plan:
     bnb.check_not_conv1d(config, "--quantize")
     skip = skip_list(spec, config)
     spec = replace(spec, skip_modules=tuple(skip))
+    linear = architecture.quantized_weights(plan.base) if plan.base is not None else None
     tensors = [
-        replace(t, quant=spec) if bnb.should_quantize(t.name, t.shape, t.dtype, skip) else t for t in plan.tensors
+        replace(t, quant=spec) if bnb.should_quantize(t.name, t.shape, t.dtype, skip, linear) else t
+        for t in plan.tensors
     ]
     updates = {**plan.config_updates, "quantization_config": bnb.quantization_config(spec, plan.dtype)}
-    return Plan(tensors, plan.dtype, updates)
+    return Plan(tensors, plan.dtype, updates, plan.base)
 
 
 def merge_into_dequantized(plan: Plan, spec: bnb.QuantSpec, config: dict, device: torch.device) -> Plan:
@@ -60,13 +63,14 @@ def merge_into_dequantized(plan: Plan, spec: bnb.QuantSpec, config: dict, device
     spec.check()
     bnb.check_not_conv1d(config, "--merge-into dequantized")
     skip = skip_list(spec, config)
+    linear = architecture.quantized_weights(plan.base) if plan.base is not None else None
     tensors = []
     for t in plan.tensors:
         source = t.source
-        if source.layout is None and bnb.should_quantize(t.name, source.shape, source.dtype, skip):
+        if source.layout is None and bnb.should_quantize(t.name, source.shape, source.dtype, skip, linear):
             source = bnb.logical(source.name, source.dtype, source.shape, source, RoundTrip(source, spec, device))
         tensors.append(replace(t, source=source))
-    return Plan(tensors, plan.dtype, plan.config_updates)
+    return Plan(tensors, plan.dtype, plan.config_updates, plan.base)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import json
 import math
 import re
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -325,17 +326,23 @@ def spec_of(tensors: dict[str, TensorInfo], config: dict) -> QuantSpec | None:
     return None
 
 
-def should_quantize(name: str, shape: tuple[int, ...], dtype: str, skip: list[str]) -> bool:
+def should_quantize(
+    name: str, shape: tuple[int, ...], dtype: str, skip: list[str], linear: Mapping[str, str] | None = None
+) -> bool:
     """Whether transformers would hold this tensor quantized: the weight of a Linear not skipped.
 
-    Linear layers are told from embeddings by name (transformers looks at module types,
-    which a checkpoint does not record): 2-D float ``*.weight`` not named like an embedding.
-    The skip rule is transformers' ``should_convert_module``.
+    ``linear`` maps the checkpoint weights whose modules transformers' bitsandbytes integration replaces,
+    from the model's real module types, to those modules' in-memory paths, which the skip rule is matched
+    against as transformers matches it (``convert.architecture.quantized_weights``). Without it
+    (callers that only have headers) Linear layers are told from embeddings by name: 2-D float
+    ``*.weight`` not named like an embedding. The skip rule is transformers' ``should_convert_module``.
     """
     if not name.endswith(".weight") or len(shape) != 2 or dtype not in TORCH_NAMES:
         return False
-    module = name.removesuffix(".weight")
-    if re.search(r"(^|\.)(embed\w*|wte|wpe|word_embeddings|position_embeddings)$", module):
+    module = name.removesuffix(".weight") if linear is None else linear.get(name)
+    if module is None:
+        return False
+    if linear is None and re.search(r"(^|\.)(embed\w*|wte|wpe|word_embeddings|position_embeddings)$", module):
         return False
     boundary = r"(?:(?<=\.)|(?=\.|$))"
     return not any(re.match(rf"(?:{key}){boundary}", module) or module.endswith(key) for key in skip)
