@@ -7,6 +7,7 @@ equals ``merge_and_unload``; the tests hold it to that against PEFT itself.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Iterable
@@ -52,11 +53,14 @@ class LowRankDelta:
     expert: int | None = None
     rows: tuple[int, int] | None = None
     cols: tuple[int, int] | None = None
+    # PEFT's ParamWrapper rounds its fp32 delta (product times scaling) to the parameter's dtype before
+    # adding it: the delta is rounded to this dtype first (a safetensors name; None: the sum is rounded once)
+    compute_dtype: str | None = None
 
     @property
     def whole(self) -> bool:
         """The plain case: the tensor is the product as it is (what the GPU kernels take)."""
-        return self.experts == 1 and self.rows is None and self.cols is None
+        return self.experts == 1 and self.rows is None and self.cols is None and self.compute_dtype is None
 
 
 @dataclass(frozen=True)
@@ -163,7 +167,9 @@ def low_rank_delta(
     return LowRankDelta(A, B, scaling, transposed, magnitude)
 
 
-def parameter_delta(adapter: Adapter, module: str, param: str, shape: tuple[int, ...], swapped: bool) -> LowRankDelta:
+def parameter_delta(
+    adapter: Adapter, module: str, param: str, shape: tuple[int, ...], swapped: bool, dtype: str
+) -> LowRankDelta:
     """The delta of a LoRA on an ``nn.Parameter`` (``target_parameters``: PEFT's ``ParamWrapper``) on the
     whole in-memory parameter ``param`` of ``shape``.
 
@@ -171,7 +177,8 @@ def parameter_delta(adapter: Adapter, module: str, param: str, shape: tuple[int,
     the experts module has no ``is_transposed``), whose delta per expert is ``B_e @ A_e``, else
     ``(experts, in, out)``, whose delta per expert is its transpose (``get_delta_weight``'s two einsums).
     A 2-D parameter is ``(out, in)``, as a Linear weight. Rank and alpha patterns match the parameter's
-    path, as PEFT creates the wrapper with it."""
+    path, as PEFT creates the wrapper with it. ``dtype`` is the parameter's: PEFT rounds the delta to a
+    16-bit one before adding it (``get_delta_weight``'s ``delta_weight.to(param.dtype)``)."""
     lora = adapter.lora[module]
     A, B = lora.parts["A"], lora.parts["B"]
     where = f"{adapter.weights_file}: tensor '{module}'"
@@ -189,7 +196,8 @@ def parameter_delta(adapter: Adapter, module: str, param: str, shape: tuple[int,
             f"{where}: lora_A {list(A.shape)} / lora_B {list(B.shape)} do not fit parameter '{param}' of shape "
             f"{list(shape)} with r={r} (expected {[r * experts, inp]} / {[out, r * experts]})"
         )
-    return LowRankDelta(A, B, scaling, len(shape) == 3 and not swapped, experts=experts)
+    compute = dtype if dtype in ("BF16", "F16") else None
+    return LowRankDelta(A, B, scaling, len(shape) == 3 and not swapped, experts=experts, compute_dtype=compute)
 
 
 def narrow(delta: LowRankDelta, index: tuple, shape: tuple[int, ...], where: str) -> LowRankDelta:
@@ -209,6 +217,4 @@ def narrow(delta: LowRankDelta, index: tuple, shape: tuple[int, ...], where: str
     rows, cols = ranges[::-1] if delta.transposed else ranges
     if delta.magnitude is not None and cols is not None:  # DoRA's norm runs along the product's rows
         raise ConvertError(f"{where}: DoRA on a weight whose checkpoint tensors split its rows is not supported")
-    return LowRankDelta(
-        delta.A, delta.B, delta.scaling, delta.transposed, delta.magnitude, delta.experts, expert, rows, cols
-    )
+    return dataclasses.replace(delta, expert=expert, rows=rows, cols=cols)

@@ -136,7 +136,10 @@ def merged_tiles(
             w.add_(f["bias"][lo:hi] * parts.scale)
         elif delta.transposed:  # rows of W are columns of B @ A
             d = torch.mm(f["B"], f["A"][:, lo:hi], out=scratch[1][:n].view(-1, hi - lo)).T
-            w.add_(d.mul_(parts.scale) if parts.scale != 1.0 else d)
+            w.add_(peft_rounded(d.mul_(parts.scale) if parts.scale != 1.0 else d, delta))
+        elif delta.compute_dtype is not None:
+            d = torch.mm(f["B"][lo:hi], f["A"], out=scratch[1][:n].view(hi - lo, -1))
+            w.add_(peft_rounded(d, delta, parts.scale))
         elif parts.scale != 1.0:
             d = torch.mm(f["B"][lo:hi], f["A"], out=scratch[1][:n].view(hi - lo, -1))
             w.add_(d.mul_(parts.scale))
@@ -146,6 +149,14 @@ def merged_tiles(
             scale_rows_(w, f["magnitude"][lo:hi])
         out.copy_(w)
         yield t0, out
+
+
+def peft_rounded(d: torch.Tensor, delta: LowRankDelta, scale: float = 1.0) -> torch.Tensor:
+    """``d`` (fp32 ``B @ A``) times ``scale``, rounded to ``compute_dtype`` where PEFT rounds the delta
+    before adding it (its ``ParamWrapper``); in place."""
+    if scale != 1.0:
+        d.mul_(scale)
+    return d.copy_(d.to(DTYPES[delta.compute_dtype])) if delta.compute_dtype is not None else d
 
 
 def expert_stack_tiles(
@@ -160,8 +171,7 @@ def expert_stack_tiles(
         d = torch.mm(B, A, out=scratch[1][: rows.numel()].view(B.shape[0], A.shape[1]))
         w = scratch[0][: rows.numel()].view(rows.shape)
         w.copy_(rows)
-        if parts.scale != 1.0:
-            d.mul_(parts.scale)  # PEFT: (B @ A) * scaling, then the add
+        d = peft_rounded(d, delta, parts.scale)  # PEFT: (B @ A) * scaling, then the add
         w.add_(d.T if delta.transposed else d)
         out = scratch[2].view(dtype)[: rows.numel()].view(rows.shape)
         out.copy_(w)

@@ -152,7 +152,10 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter | None, dtype: str = "auto") -
             if module in wrappers:  # LoRA on an nn.Parameter: the pieces of that parameter
                 a, param = arch(), wrappers[module]
                 shape = a.parameters[param]
-                whole = parameter_delta(adapter, module, param, shape, param.rpartition(".")[0] not in a.transposed)
+                swapped = param.rpartition(".")[0] not in a.transposed
+                pieces_of = a.checkpoint_pieces(param)
+                stored = sources[pieces_of[0].key].dtype if pieces_of else "F32"
+                whole = parameter_delta(adapter, module, param, shape, swapped, stored)
                 for piece in a.checkpoint_pieces(param):
                     add_delta(piece.key, narrow_piece(whole, piece, shape, sources[piece.key], adapter), module)
                 continue
