@@ -165,3 +165,36 @@ def render(info: dict) -> str:
 
 def shard_bytes(size: int | None) -> str:
     return "not downloaded" if size is None else f"{size:,} bytes"
+
+
+def adapter_placement(adapter_dir: str | Path, base_dir: str | Path) -> dict[str, dict]:
+    """For an adapter against a base: adapter module -> the in-memory parameter it trains and the checkpoint
+    tensors that parameter is stored as (``part``: which part of the parameter each one is, as
+    ``convert.plan.architecture.Piece.index`` with lists for ranges; ``None`` for the whole parameter).
+    Names are resolved as ``convert merge`` resolves them; a module that lands nowhere is an error."""
+    from convert.plan import architecture  # here: it imports transformers, which plain inspection never needs
+
+    adapter, ckpt = open_adapter(adapter_dir), open_checkpoint(base_dir)
+    targets = adapter.config.get("target_parameters") or []
+    arch = architecture.for_checkpoint(ckpt) if targets or architecture.available() else None
+    wrappers = architecture.peft_param_wrappers(arch, list(targets)) if targets else {}
+    placement = {}
+    for module in adapter.lora:
+        param = wrappers.get(module, f"{module}.weight")
+        if param in ckpt.tensors:
+            pieces = [architecture.Piece(param, param)]
+        else:
+            found = arch.in_memory(param) if arch is not None else None
+            pieces = arch.checkpoint_pieces(found) if found is not None else []
+        if not pieces:
+            raise ConvertError(
+                f"{adapter.weights_file}: tensor '{module}': '{param}' does not exist in {ckpt.directory}"
+            )
+        placement[module] = {
+            "parameter": pieces[0].param,
+            "tensors": [
+                {"tensor": p.key, "part": [list(i) if isinstance(i, tuple) else i for i in p.index] or None}
+                for p in pieces
+            ],
+        }
+    return placement

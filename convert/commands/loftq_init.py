@@ -123,33 +123,27 @@ def write_cards(
 ) -> None:
     """The adapter's config and card, and the 4-bit base's model card."""
     base_id = o.push_to_hub.repo_id if o.push_to_hub else str(out.resolve())  # where the 4-bit base will be
-    write_adapter_config(out_dir / "adapter", base_id, settings, sorted(plan.targets.values()), o.target_modules)
+    write_adapter_config(out_dir / "adapter", base_id, settings, plan)
     write_adapter_card(out_dir / "adapter", base, settings, *errors)
     settings_card = {"LoftQ": f"r {o.rank}, alpha {o.alpha}, {o.iters} iterations, {o.svd} SVD"}
     write_model_card(out_dir, base, None, {**settings_card, "ckpt-convert": version()}, "quantized")
 
 
-def write_adapter_config(
-    adapter_dir: Path, base_id: str, settings: Settings, modules: list[str], spec: str | list[str]
-) -> None:
+def write_adapter_config(adapter_dir: Path, base_id: str, settings: Settings, plan: LoftQPlan) -> None:
     """A PEFT LoRA adapter_config.json for the computed factors.
 
     ``init_lora_weights`` is ``true``, not ``"loftq"``: PEFT would run LoftQ again on the
     already-quantized base when loading (the LoftQ authors' adapters do the same); the
     initialization is recorded in the adapter's README.md.
     """
-    if spec == "all-linear" or spec == ["all-linear"]:
-        names = sorted({m.rsplit(".", 1)[-1] for m in modules})
-    else:
-        names = sorted([spec] if isinstance(spec, str) else spec)
     config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": plan.task_type,
         "base_model_name_or_path": base_id,
         "r": settings.rank,
         "lora_alpha": int(settings.alpha) if float(settings.alpha).is_integer() else settings.alpha,
         "use_rslora": settings.use_rslora,
-        "target_modules": names,
+        "target_modules": target_names(sorted(plan.targets.values()), plan.linear),
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -159,6 +153,17 @@ def write_adapter_config(
         "inference_mode": True,
     }
     (adapter_dir / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def target_names(targets: list[str], linear: list[str]) -> list[str]:
+    """``target_modules`` that make PEFT wrap exactly ``targets``: their last names (``q_proj``), as people write
+    them, where those match no other Linear layer and say what they are; the full module paths otherwise (a
+    vision tower's ``mlp.0`` would also match the language model's ``0`` blocks)."""
+    last = sorted({t.rsplit(".", 1)[-1] for t in targets})
+    others = set(linear) - set(targets)
+    if any(n.isdigit() for n in last) or any(m.rsplit(".", 1)[-1] in last for m in others):
+        return targets
+    return last
 
 
 def write_adapter_card(

@@ -24,7 +24,7 @@ from convert.execute.quantize_sink import StreamingQuantizer
 from convert.kernels.dora import merge_columns, scale_rows_
 from convert.options import DEFAULT_CHUNK_BYTES
 from convert.plan.build import OutputTensor
-from convert.plan.lora import BiasDelta, LowRankDelta
+from convert.plan.lora import BiasDelta, LowRankDelta, expert_factors, factor_tensors
 from formats import bnb
 from formats.safetensors_file import DTYPES, read_tensor
 from formats.writer import ShardWriter
@@ -75,7 +75,7 @@ class Factors:
 def load_factors(delta: LowRankDelta | BiasDelta) -> Factors:
     if isinstance(delta, BiasDelta):
         return Factors({"bias": read_tensor(delta.bias).float()}, delta.scaling)
-    A, B = read_tensor(delta.A).float(), read_tensor(delta.B).float()
+    A, B = factor_tensors(delta)
     dora = {"magnitude": read_tensor(delta.magnitude).float()} if delta.magnitude is not None else {}
     if exact_to_prescale(A, B, delta.scaling):
         return Factors({"A": A, "B": B * delta.scaling, **dora}, 1.0)
@@ -121,6 +121,9 @@ def merged_tiles(
     if whole_tensor(work.out):
         yield 0, merge_columns(work.rows, f["B"], f["A"], parts.scale, f["magnitude"], dtype)
         return
+    if isinstance(delta, LowRankDelta) and delta.experts > 1 and delta.expert is None:
+        yield from expert_stack_tiles(work, delta, parts, scratch)
+        return
     for t0, t1 in row_chunks(tuple(work.rows.shape), tile_elements):
         rows = work.rows[t0:t1]
         out = scratch[2].view(dtype)[: rows.numel()].view(rows.shape)
@@ -135,7 +138,10 @@ def merged_tiles(
             w.add_(f["bias"][lo:hi] * parts.scale)
         elif delta.transposed:  # rows of W are columns of B @ A
             d = torch.mm(f["B"], f["A"][:, lo:hi], out=scratch[1][:n].view(-1, hi - lo)).T
-            w.add_(d.mul_(parts.scale) if parts.scale != 1.0 else d)
+            w.add_(peft_rounded(d.mul_(parts.scale) if parts.scale != 1.0 else d, delta))
+        elif delta.compute_dtype is not None:
+            d = torch.mm(f["B"][lo:hi], f["A"], out=scratch[1][:n].view(hi - lo, -1))
+            w.add_(peft_rounded(d, delta, parts.scale))
         elif parts.scale != 1.0:
             d = torch.mm(f["B"][lo:hi], f["A"], out=scratch[1][:n].view(hi - lo, -1))
             w.add_(d.mul_(parts.scale))
@@ -145,6 +151,33 @@ def merged_tiles(
             scale_rows_(w, f["magnitude"][lo:hi])
         out.copy_(w)
         yield t0, out
+
+
+def peft_rounded(d: torch.Tensor, delta: LowRankDelta, scale: float = 1.0) -> torch.Tensor:
+    """``d`` (fp32 ``B @ A``) times ``scale``, rounded to ``compute_dtype`` where PEFT rounds the delta
+    before adding it (its ``ParamWrapper``); in place."""
+    if scale != 1.0:
+        d.mul_(scale)
+    return d.copy_(d.to(DTYPES[delta.compute_dtype])) if delta.compute_dtype is not None else d
+
+
+def expert_stack_tiles(
+    work: Work, delta: LowRankDelta, parts: Factors, scratch: tuple[torch.Tensor, ...]
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """A stack of experts stored as one tensor (rows of its first dimension are experts): one expert's
+    ``W_e + delta_e`` at a time, ``delta_e`` as PEFT's ``ParamWrapper.get_delta_weight`` computes it."""
+    dtype, f = DTYPES[work.out.dtype], parts.tensors
+    for i in range(work.rows.shape[0]):
+        rows = work.rows[i]
+        A, B = expert_factors(f["A"], f["B"], delta.experts, work.start + i)
+        d = torch.mm(B, A, out=scratch[1][: rows.numel()].view(B.shape[0], A.shape[1]))
+        w = scratch[0][: rows.numel()].view(rows.shape)
+        w.copy_(rows)
+        d = peft_rounded(d, delta, parts.scale)  # PEFT: (B @ A) * scaling, then the add
+        w.add_(d.T if delta.transposed else d)
+        out = scratch[2].view(dtype)[: rows.numel()].view(rows.shape)
+        out.copy_(w)
+        yield i, out.unsqueeze(0)
 
 
 # (device type, rows, cols, rank) -> whether addmm rounds exactly like mm followed by add_.

@@ -48,7 +48,8 @@ GPU_DTYPES = {"BF16", "F16", "F32"}
 def on_gpu(out: OutputTensor) -> bool:
     """A LoRA/DoRA delta on a 16/32-bit or 4-bit weight, written unquantized: what the fused kernel does.
     (A quantized output goes through the CPU workers.)"""
-    return isinstance(out.delta, LowRankDelta) and {out.source.dtype, out.dtype} <= GPU_DTYPES and out.quant is None
+    plain = isinstance(out.delta, LowRankDelta) and out.delta.whole  # expert stacks and slices: CPU workers
+    return plain and {out.source.dtype, out.dtype} <= GPU_DTYPES and out.quant is None
 
 
 def packed_4bit(out: OutputTensor, chunk_rows: int) -> bnb.Packed4bit | None:

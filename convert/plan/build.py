@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from convert.plan.lora import BiasDelta, Delta, check_config, low_rank_delta, scaling_for
+from convert.plan import architecture
+from convert.plan.lora import BiasDelta, Delta, check_config, low_rank_delta, narrow, parameter_delta, scaling_for
 from formats import bnb
 from formats.adapter import Adapter
 from formats.checkpoint import Checkpoint
@@ -54,6 +55,7 @@ class Plan:
     tensors: list[OutputTensor]
     dtype: str  # the output's main float dtype, recorded in config.json
     config_updates: dict
+    base: Checkpoint | None = None  # what it was planned from: its architecture says which weights are Linear
 
 
 def resolve(name: str, base: dict[str, TensorInfo]) -> str | None:
@@ -87,16 +89,52 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter | None, dtype: str = "auto") -
     config_updates: dict = {}
     tied = tied_embedding(ckpt)
 
+    known: list = []  # the base's architecture (``convert.plan.architecture``), or the ConvertError why there is none
+
+    def arch() -> architecture.Architecture | ConvertError:
+        if not known:
+            try:
+                known.append(architecture.for_checkpoint(ckpt))
+            except ConvertError as e:
+                known.append(e)
+        return known[0]
+
+    def pieces(name: str, what: str) -> list[architecture.Piece]:
+        """The checkpoint tensors that the in-memory parameter ``name`` (the adapter's naming) is stored as:
+        the tensor of that name, else what transformers' conversion mapping loads it from."""
+        if name not in ckpt.tensors and isinstance(arch(), architecture.Architecture):
+            param = arch().in_memory(name)
+            found = arch().checkpoint_pieces(param) if param is not None else []
+            if found:
+                return found
+        return [architecture.Piece(base_name(name, what), name)]
+
+    def single(name: str, what: str) -> str:
+        found = pieces(name, what)
+        if len(found) != 1 or found[0].index:
+            raise ConvertError(
+                f"{adapter.weights_file}: tensor '{what}': '{name}' is stored as {len(found)} part(s) of checkpoint "
+                f"tensors ({', '.join(p.key for p in found)}): a saved copy of it is not supported"
+            )
+        return found[0].key
+
     def base_name(name: str, what: str) -> str:
         found = resolve(name, ckpt.tensors)
         if found is None and name.split(".")[-2:] == LM_HEAD.split(".") and tied:
             found = LM_HEAD  # lm_head of a tied model: a new tensor, starting from the embedding
             sources.setdefault(LM_HEAD, sources[tied])
         if found is None:
+            why = f"; {arch()}" if isinstance(arch(), ConvertError) else ""
             raise ConvertError(
-                f"{adapter.weights_file}: tensor '{what}': '{name}' does not exist in the base model ({ckpt.directory})"
+                f"{adapter.weights_file}: tensor '{what}': '{name}' does not exist in the base model "
+                f"({ckpt.directory}){why}"
             )
         return found
+
+    def add_delta(key: str, delta: Delta, what: str) -> None:
+        if key in deltas:
+            raise ConvertError(f"{adapter.weights_file}: tensor '{what}': base tensor '{key}' is adapted twice")
+        deltas[key] = delta
 
     def replace(target: str, info: TensorInfo) -> None:
         _check_replacement(ckpt, adapter, target, sources[target], info, config_updates)
@@ -104,16 +142,37 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter | None, dtype: str = "auto") -
 
     if adapter is not None:
         check_config(adapter)
+        wrappers = param_wrappers(adapter, arch)
         for name, info in adapter.base_layers.items():
-            replace(base_name(name, name), info)
+            replace(single(name, name), info)
         tied_source = sources[tied] if tied else None  # what a tied lm_head reads in the PEFT model
         for name, info in adapter.replacements.items():
-            replace(base_name(name, name), info)
+            replace(single(name, name), info)
         for module, lora in adapter.lora.items():
-            weight = base_name(f"{module}.weight", module)
-            deltas[weight] = low_rank_delta(adapter, module, sources[weight])
+            if module in wrappers:  # LoRA on an nn.Parameter: the pieces of that parameter
+                a, param = arch(), wrappers[module]
+                shape = a.parameters[param]
+                swapped = param.rpartition(".")[0] not in a.transposed
+                pieces_of = a.checkpoint_pieces(param)
+                stored = sources[pieces_of[0].key].dtype if pieces_of else "F32"
+                whole = parameter_delta(adapter, module, param, shape, swapped, stored)
+                for piece in a.checkpoint_pieces(param):
+                    add_delta(piece.key, narrow_piece(whole, piece, shape, sources[piece.key], adapter), module)
+                continue
+            found = pieces(f"{module}.weight", module)
+            if len(found) == 1 and not found[0].index:
+                add_delta(found[0].key, low_rank_delta(adapter, module, sources[found[0].key]), module)
+            else:  # an in-memory Linear joined from several checkpoint tensors: each gets its part
+                shape = arch().parameters[found[0].param]
+                whole = low_rank_delta(adapter, module, sources[found[0].key], shape)
+                for piece in found:
+                    add_delta(piece.key, narrow_piece(whole, piece, shape, sources[piece.key], adapter), module)
             if "bias" in lora.parts:
                 bias = resolve(f"{module}.bias", ckpt.tensors)
+                if bias is None and isinstance(arch(), architecture.Architecture):
+                    param = arch().in_memory(f"{module}.bias")
+                    parts = arch().checkpoint_pieces(param) if param else []
+                    bias = parts[0].key if len(parts) == 1 and not parts[0].index else None
                 if bias is None:
                     raise ConvertError(
                         f"{adapter.weights_file}: tensor '{module}': lora_bias is set but the base layer has no bias"
@@ -140,7 +199,29 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter | None, dtype: str = "auto") -
         if original.dtype in FLOAT_DTYPES and OUTPUT_DTYPES[dtype]:
             out_dtype = OUTPUT_DTYPES[dtype]
         tensors.append(OutputTensor(name, out_dtype, source, deltas.get(name)))
-    return Plan(tensors, main_dtype, config_updates)
+    return Plan(tensors, main_dtype, config_updates, ckpt)
+
+
+def param_wrappers(adapter: Adapter, arch) -> dict[str, str]:
+    """Adapter module -> in-memory parameter, for an adapter trained with ``target_parameters``."""
+    targets = adapter.config.get("target_parameters")
+    if not targets:
+        return {}
+    if isinstance(arch(), ConvertError):
+        raise ConvertError(f"{adapter.directory / 'adapter_config.json'}: target_parameters: {arch()}")
+    return architecture.peft_param_wrappers(arch(), list(targets))
+
+
+def narrow_piece(whole, piece: architecture.Piece, shape: tuple[int, ...], source: TensorInfo, adapter: Adapter):
+    """The part of a parameter's delta that one checkpoint tensor holds, its shape checked."""
+    where = f"{adapter.weights_file}: base tensor '{piece.key}'"
+    expected = architecture.piece_shape(piece, shape)
+    if tuple(source.shape) != expected:
+        raise ConvertError(
+            f"{where}: shape {list(source.shape)}, but transformers maps part {list(expected)} of "
+            f"'{piece.param}' onto it"
+        )
+    return narrow(whole, piece.index, shape, where)
 
 
 def _check_replacement(

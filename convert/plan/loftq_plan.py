@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from convert.options import SVD_METHODS
+from convert.plan import architecture
 from convert.plan.lora import lora_scaling
 from convert.plan.quantize import should_quantize
 from formats import bnb
@@ -53,6 +54,8 @@ class LoftQPlan:
     base: list[PlannedTensor]  # the 4-bit base's tensors
     adapter: list[PlannedTensor]  # lora_A / lora_B of every target
     dtype: str  # the base's main float dtype: config.json's dtype and the 4-bit compute dtype
+    linear: list[str]  # in-memory path of every quantized Linear module (targets or not)
+    task_type: str | None  # PEFT's task type for the model class (None: a plain PeftModel)
 
 
 def build_plan(ckpt: Checkpoint, target_modules: str | list[str], settings: Settings) -> LoftQPlan:
@@ -81,7 +84,8 @@ def build_plan(ckpt: Checkpoint, target_modules: str | list[str], settings: Sett
             ]
     float_dtypes = Counter(t.dtype for t in order if t.dtype in FLOAT_DTYPES)
     dtype = float_dtypes.most_common(1)[0][0] if float_dtypes else "F32"
-    return LoftQPlan(order, roles, targets, base, adapter, dtype)
+    task = architecture.peft_task_type(architecture.for_checkpoint(ckpt))
+    return LoftQPlan(order, roles, targets, base, adapter, dtype, sorted(linear_by_module), task)
 
 
 def check_settings(
@@ -104,12 +108,14 @@ def check_settings(
 
 
 def linear_weights(ckpt: Checkpoint) -> dict[str, str]:
-    """Module path -> weight name of every layer transformers' bitsandbytes integration quantizes
-    (every ``nn.Linear`` but the output head), told from headers by ``formats.bnb``'s rule."""
+    """In-memory module path (what PEFT names) -> checkpoint weight of every layer transformers'
+    bitsandbytes integration quantizes (every ``nn.Linear`` but the output head), from the model's
+    real module types (``convert.plan.architecture``)."""
+    linear = architecture.quantized_weights(ckpt)
     return {
-        name.removesuffix(".weight"): name
+        linear[name]: name
         for name, info in ckpt.tensors.items()
-        if should_quantize(name, info.shape, info.dtype, SKIP)
+        if should_quantize(name, info.shape, info.dtype, SKIP, linear)
     }
 
 

@@ -11,6 +11,7 @@ that the delta is added to the weights the adapter actually saw.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 
 from convert.execute.decode import RoundTrip
 from convert.options import MERGE_INTO
+from convert.plan import architecture
 from convert.plan.build import Plan
 from formats import bnb
 from formats.errors import ConvertError
@@ -38,22 +40,26 @@ def check_spec(spec: bnb.QuantSpec) -> None:
         raise ConvertError(f"--compute-dtype {spec.compute_dtype!r}: expected auto, bfloat16, float16 or float32")
 
 
-def should_quantize(name: str, shape: tuple[int, ...], dtype: str, skip: list[str]) -> bool:
+def should_quantize(
+    name: str, shape: tuple[int, ...], dtype: str, skip: list[str], linear: Mapping[str, str] | None = None
+) -> bool:
     """Whether transformers would hold this tensor quantized: the weight of a Linear not skipped.
 
-    Linear layers are told from embeddings by name (transformers looks at module types,
-    which a checkpoint does not record): 2-D float ``*.weight`` not named like an embedding.
-    The skip rule is transformers' ``should_convert_module``.
+    ``linear`` maps the checkpoint weights whose modules transformers' bitsandbytes integration replaces,
+    from the model's real module types, to those modules' in-memory paths, which the skip rule is matched
+    against as transformers matches it (``convert.plan.architecture.quantized_weights``). Without it
+    (callers that only have headers) Linear layers are told from embeddings by name: 2-D float
+    ``*.weight`` not named like an embedding. The skip rule is transformers' ``should_convert_module``.
     """
     if not name.endswith(".weight") or len(shape) != 2 or dtype not in bnb.TORCH_NAMES:
         return False
-    module = name.removesuffix(".weight")
-    if re.search(r"(^|\.)(embed\w*|wte|wpe|word_embeddings|position_embeddings)$", module):
+    module = name.removesuffix(".weight") if linear is None else linear.get(name)
+    if module is None:
+        return False
+    if linear is None and re.search(r"(^|\.)(embed\w*|wte|wpe|word_embeddings|position_embeddings)$", module):
         return False
     boundary = r"(?:(?<=\.)|(?=\.|$))"
     return not any(re.match(rf"(?:{key}){boundary}", module) or module.endswith(key) for key in skip)
-
-
 
 
 def skip_list(spec: bnb.QuantSpec, config: dict) -> list[str]:
@@ -68,11 +74,13 @@ def quantize_plan(plan: Plan, spec: bnb.QuantSpec, config: dict) -> Plan:
     bnb.check_not_conv1d(config, "--quantize")
     skip = skip_list(spec, config)
     spec = replace(spec, skip_modules=tuple(skip))
+    linear = architecture.quantized_weights(plan.base) if plan.base is not None else None
     tensors = [
-        replace(t, quant=spec) if should_quantize(t.name, t.shape, t.dtype, skip) else t for t in plan.tensors
+        replace(t, quant=spec) if should_quantize(t.name, t.shape, t.dtype, skip, linear) else t
+        for t in plan.tensors
     ]
     updates = {**plan.config_updates, "quantization_config": bnb.quantization_config(spec, plan.dtype)}
-    return Plan(tensors, plan.dtype, updates)
+    return Plan(tensors, plan.dtype, updates, plan.base)
 
 
 def merge_into_dequantized(plan: Plan, spec: bnb.QuantSpec, config: dict, device: torch.device) -> Plan:
@@ -86,13 +94,14 @@ def merge_into_dequantized(plan: Plan, spec: bnb.QuantSpec, config: dict, device
     check_spec(spec)
     bnb.check_not_conv1d(config, "--merge-into dequantized")
     skip = skip_list(spec, config)
+    linear = architecture.quantized_weights(plan.base) if plan.base is not None else None
     tensors = []
     for t in plan.tensors:
         source = t.source
-        if source.layout is None and should_quantize(t.name, source.shape, source.dtype, skip):
+        if source.layout is None and should_quantize(t.name, source.shape, source.dtype, skip, linear):
             source = bnb.logical(source.name, source.dtype, source.shape, source, RoundTrip(source, spec, device))
         tensors.append(replace(t, source=source))
-    return Plan(tensors, plan.dtype, plan.config_updates)
+    return Plan(tensors, plan.dtype, plan.config_updates, plan.base)
 
 
 def training_spec(spec: bnb.QuantSpec, train_quant: str | None, adapter_dir: Path | None) -> bnb.QuantSpec:
