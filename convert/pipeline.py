@@ -22,7 +22,7 @@ import torch
 from convert.dora import merge_columns, scale_rows_
 from convert.lora import BiasDelta, LowRankDelta
 from convert.plan import OutputTensor
-from formats import bnb  # the module, not names: it imports convert.kernels, so may be mid-import
+from formats import bnb, fp8  # the modules, not names: they import convert.kernels, so may be mid-import
 from formats.safetensors_file import DTYPES, read_tensor
 from formats.writer import ShardWriter
 
@@ -176,7 +176,9 @@ def plan_jobs(tensors: list[OutputTensor], chunk_elements: int) -> list[Work]:
             [(0, 0)]
             if out.byte_copy
             else row_chunks(
-                out.shape, chunk_budget(out, chunk_elements), bnb.chunk_rows(out.shape, out.quant) if out.quant else 1
+                out.shape,
+                chunk_budget(out, chunk_elements),
+                fp8.writer_module(out.quant).chunk_rows(out.shape, out.quant) if out.quant else 1,
             )
         )
     ]
@@ -196,7 +198,7 @@ class Worker:
         chunk_elements: int,
         row: int,
         tile: int,
-        quantizers: dict[str, bnb.StreamingQuantizer] | None = None,
+        quantizers: dict[str, bnb.StreamingQuantizer | fp8.StreamingQuantizer] | None = None,
     ):
         self.writer, self.device, self.tile = writer, device, tile
         self.quantizers = quantizers or {}
@@ -254,7 +256,7 @@ def run_plan(
     tile = CPU_TILE_ELEMENTS if on_cpu else chunk_elements
     row = max_row(tensors)
     quantizers = {
-        t.name: bnb.StreamingQuantizer(writer, t.name, t.shape, t.dtype, t.quant)
+        t.name: fp8.writer_module(t.quant).StreamingQuantizer(writer, t.name, t.shape, t.dtype, t.quant)
         for t in tensors
         if t.quant is not None
     }
@@ -298,7 +300,7 @@ def max_row(tensors: list[OutputTensor]) -> int:
     group of rows that holds whole blocks, plus one: the most a chunk can exceed its budget by)."""
     return max(
         (
-            math.prod(t.shape[1:]) * (bnb.chunk_rows(t.shape, t.quant) + 1 if t.quant else 1)
+            math.prod(t.shape[1:]) * (fp8.writer_module(t.quant).chunk_rows(t.shape, t.quant) + 1 if t.quant else 1)
             for t in tensors
             if not t.byte_copy and len(t.shape) > 1
         ),

@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from convert.lora import BiasDelta, Delta, check_config, low_rank_delta, scaling_for
-from formats import bnb  # the module, not names: it imports convert.kernels, so may be mid-import
+from formats import bnb, fp8  # the modules, not names: they import convert.kernels, so may be mid-import
 from formats.adapter import Adapter
 from formats.checkpoint import Checkpoint
 from formats.errors import ConvertError
@@ -27,7 +27,7 @@ class OutputTensor:
     dtype: str
     source: TensorInfo
     delta: Delta | None = None
-    quant: bnb.QuantSpec | None = None  # written bitsandbytes-quantized (``convert.quantize``)
+    quant: bnb.QuantSpec | fp8.FP8Spec | None = None  # written quantized (``convert.quantize``)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -40,7 +40,9 @@ class OutputTensor:
     @property
     def serialized(self) -> list[PlannedTensor]:
         """The tensors written to the shards: this one, or the several a quantized weight is saved as."""
-        return bnb.serialized_tensors(self.name, self.shape, self.dtype, self.quant) if self.quant else [self.planned]
+        if not self.quant:
+            return [self.planned]
+        return fp8.writer_module(self.quant).serialized_tensors(self.name, self.shape, self.dtype, self.quant)
 
     @property
     def byte_copy(self) -> bool:

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from convert.kernels import quant
-from convert.plan import Plan
-from formats import bnb  # the module, not names: it imports convert.kernels, so may be mid-import
+from convert.plan import OutputTensor, Plan
+from formats import bnb, fp8  # the modules, not names: they import convert.kernels, so may be mid-import
 from formats.errors import ConvertError
 from formats.safetensors_file import TensorInfo, read_tensor
 
@@ -32,12 +32,17 @@ ROUND_TRIP_CHUNK_ELEMENTS = 1 << 22  # the absmax pre-pass of double quantizatio
 
 def skip_list(spec: bnb.QuantSpec, config: dict) -> list[str]:
     """Modules kept 16-bit: lm_head (as transformers), the user's, and those the base already skipped."""
-    base_skip = (config.get("quantization_config") or {}).get("llm_int8_skip_modules") or []
+    qconfig = config.get("quantization_config") or {}
+    base_skip = qconfig.get("llm_int8_skip_modules") or qconfig.get("modules_to_not_convert") or []
     return list(dict.fromkeys(["lm_head", *spec.skip_modules, *base_skip]))
 
 
 def quantize_plan(plan: Plan, spec: bnb.QuantSpec, config: dict) -> Plan:
-    """Write every Linear weight bitsandbytes-quantized, and record ``quantization_config``."""
+    """Write every Linear weight bitsandbytes-quantized, and record ``quantization_config``.
+
+    ``spec.method`` ``fp8`` and ``same`` go to ``format_plan`` (block-scaled FP8, the base's own format)."""
+    if spec.method in FORMAT_METHODS:
+        return format_plan(plan, spec, config)
     spec.check()
     bnb.check_not_conv1d(config, "--quantize")
     skip = skip_list(spec, config)
@@ -47,6 +52,38 @@ def quantize_plan(plan: Plan, spec: bnb.QuantSpec, config: dict) -> Plan:
     ]
     updates = {**plan.config_updates, "quantization_config": bnb.quantization_config(spec, plan.dtype)}
     return Plan(tensors, plan.dtype, updates)
+
+
+FORMAT_METHODS = ("fp8", "same")
+
+
+def format_plan(plan: Plan, spec: bnb.QuantSpec, config: dict) -> Plan:
+    """``--quantize fp8``: every Linear weight (``bnb.should_quantize``, with ``skip_list``) written as block-scaled
+    FP8 (128x128 blocks, fp32 ``weight_scale_inv``) with the ``quantization_config`` DeepSeek-V3 ships.
+    ``--quantize same``: the output in the base's own format and settings: its FP8 weights written FP8 again
+    (same block size, scale dtype, static activation scales copied), under the base's own ``quantization_config``;
+    a bitsandbytes base is written with the settings its quant states record (``bnb.spec_of``)."""
+    sources = {t.name: t.source for t in plan.tensors}
+    if spec.method == "same":
+        fp8_spec = fp8.spec_of(sources)
+        if fp8_spec is None:
+            bnb_spec = bnb.spec_of(sources, config)
+            if bnb_spec is None:
+                raise ConvertError("--quantize same: the base model is not quantized (no FP8 or bitsandbytes weights)")
+            return quantize_plan(plan, bnb_spec, config)
+        targets = {t.name for t in plan.tensors if isinstance(t.source.layout, fp8.BlockFP8)}
+        qconfig = config["quantization_config"]
+    else:
+        fp8_spec, skip = fp8.FP8Spec(), skip_list(spec, config)
+        targets = {t.name for t in plan.tensors if bnb.should_quantize(t.name, t.shape, t.dtype, skip)}
+        qconfig = fp8.quantization_config(fp8_spec, skip)
+    tensors = []
+    for t in plan.tensors:
+        tensors.append(replace(t, quant=fp8_spec) if t.name in targets else t)
+        scale = t.source.layout.activation_scale if isinstance(t.source.layout, fp8.BlockFP8) else None
+        if t.name in targets and scale is not None:
+            tensors.append(OutputTensor(scale.name, scale.dtype, scale))
+    return Plan(tensors, plan.dtype, {**plan.config_updates, "quantization_config": qconfig})
 
 
 def merge_into_dequantized(plan: Plan, spec: bnb.QuantSpec, config: dict, device: torch.device) -> Plan:

@@ -59,10 +59,31 @@ def open_checkpoint(directory: str | Path, shards: ShardFiles = ShardFiles()) ->
         else:
             continue
         from formats.bnb import group_quantized  # here: bnb needs convert.kernels, whose package imports this
+        from formats.fp8 import group_fp8
 
-        tensors = group_quantized(loader(files, directory, index_name), config)
+        check_quant_method(config, directory)
+        tensors = group_fp8(group_quantized(loader(files, directory, index_name), config), config)
         return Checkpoint(directory, config, tensors, files)
     raise ConvertError(f"{directory}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin found")
+
+
+# quantization_config.quant_method values whose checkpoints are read (dequantized) here.
+QUANT_METHODS = ("bitsandbytes", "fp8")
+
+
+def check_quant_method(config: dict, directory: Path) -> None:
+    """Refuse a quantized checkpoint of a format not read here: its packed integers would merge as garbage."""
+    qconfig = config.get("quantization_config")
+    if qconfig is None:
+        return
+    method = qconfig.get("quant_method") if isinstance(qconfig, dict) else None
+    if method is None and isinstance(qconfig, dict) and {"load_in_4bit", "load_in_8bit"} & qconfig.keys():
+        return  # written by transformers before quant_method existed: bitsandbytes
+    if method not in QUANT_METHODS:
+        raise ConvertError(
+            f"{directory / 'config.json'}: quantization_config.quant_method {method!r} is not a format this tool "
+            f"reads (expected one of {', '.join(QUANT_METHODS)})"
+        )
 
 
 def read_json(path: Path) -> dict:
