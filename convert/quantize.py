@@ -65,9 +65,9 @@ def format_plan(plan: Plan, spec: bnb.QuantSpec, config: dict) -> Plan:
     a bitsandbytes base is written with the settings its quant states record (``bnb.spec_of``)."""
     sources = {t.name: t.source for t in plan.tensors}
     if spec.method == "same":
-        if (config.get("quantization_config") or {}).get("quant_method") not in (None, "fp8", "bitsandbytes"):
-            method = config["quantization_config"].get("quant_method")
-            raise ConvertError(f"--quantize same: writing {method} checkpoints is not supported yet (--quantize fp8 is)")
+        method = (config.get("quantization_config") or {}).get("quant_method")
+        if method not in (None, "fp8", "bitsandbytes"):
+            raise ConvertError(f"--quantize same: writing {method} checkpoints is not supported yet (fp8 is)")
         fp8_spec = fp8.spec_of(sources)
         if fp8_spec is None:
             bnb_spec = bnb.spec_of(sources, config)

@@ -195,6 +195,6 @@ def test_bad_compressed_checkpoint(case, models, tmp_path) -> None:
 def test_quantize_same_is_refused_for_compressed_tensors(models, tmp_path) -> None:
     from convert import ConvertError
 
-    with pytest.raises(ConvertError, match=r"^--quantize same: writing compressed-tensors checkpoints is not supported"):
+    with pytest.raises(ConvertError, match=r"^--quantize same: writing compressed-tensors checkpoints is not supp"):
         merge(models["fp8-channel"], None, tmp_path / "out", device="cpu", quantize="same")
     assert not (tmp_path / "out").exists()
