@@ -61,16 +61,18 @@ def open_checkpoint(directory: str | Path, shards: ShardFiles = ShardFiles()) ->
         from formats.bnb import group_quantized  # here: bnb needs convert.kernels, whose package imports this
         from formats.compressed_tensors import group_compressed, is_compressed
         from formats.fp8 import group_fp8
+        from formats.mxfp4 import group_mxfp4
 
         check_quant_method(config, directory)
         tensors = group_quantized(loader(files, directory, index_name), config)
         tensors = group_compressed(tensors, config) if is_compressed(config) else group_fp8(tensors, config)
+        tensors = group_mxfp4(tensors, config)
         return Checkpoint(directory, config, tensors, files)
     raise ConvertError(f"{directory}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin found")
 
 
 # quantization_config.quant_method values whose checkpoints are read (dequantized) here.
-QUANT_METHODS = ("bitsandbytes", "fp8", "compressed-tensors")
+QUANT_METHODS = ("bitsandbytes", "fp8", "compressed-tensors", "mxfp4")
 
 
 def check_quant_method(config: dict, directory: Path) -> None:
