@@ -10,7 +10,8 @@ Dequantization is transformers' ``Fp8Dequantize._dequantize_one`` (``integration
 ``inference/kernel.py`` ``weight_dequant`` computes (fp32 ``x * s``, stored in the default bf16 dtype).
 
 Quantization is transformers' ``Fp8Quantize._quantize_one`` (what ``save_pretrained`` of a quantized model writes):
-per block ``amax = max|W|`` in fp32, ``scale = 448 / amax`` (1 where amax is 0), ``inv = 1 / scale`` stored,
+per block ``amax = max|W|`` in fp32, ``scale = 448 / amax`` (1 where amax is 0; torch computes a Python float over
+a tensor as ``reciprocal(amax) * 448``, two roundings, which the Triton kernel copies), ``inv = 1 / scale`` stored,
 ``q = clamp(W * scale, -448, 448).to(float8_e4m3fn)`` (round to nearest even). Partial edge blocks take the amax
 of the values they hold (transformers' own quantizer only takes shapes that divide; DeepSeek's checkpoints ship
 partial blocks and every FP8 kernel reads them with ceil-divided grids).
