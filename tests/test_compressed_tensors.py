@@ -19,12 +19,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from convert import merge
-from formats.checkpoint import open_checkpoint
 from formats.compressed_tensors import CompressedWeight
-from formats.safetensors_file import read_tensor
-from tests.conftest import assert_equal_or_1ulp, load_output, make_adapter, peft, read_config, transformers
+from tests.conftest import make_adapter, peft, transformers
 from tests.test_bad_input import run_failing
-from tests.test_fp8 import SIZES64, logits, make_base
+from tests.test_fp8 import SIZES64, assert_converted_like, assert_merged_like, assert_reads_like, make_base
 
 ct = pytest.importorskip("compressed_tensors")
 from compressed_tensors.compressors import BaseCompressor  # noqa: E402
@@ -114,16 +112,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
 def test_reader_dequantizes_like_compressed_tensors(case, models) -> None:
     """Every tensor, whole and in row ranges that cut packed zero-point words and blocks, equals transformers'
     decompressed model."""
-    ckpt = open_checkpoint(models[case])
-    expected = decompressed(models[case]).state_dict()
-    assert ckpt.tensors.keys() == expected.keys()
-    assert sum(isinstance(t.layout, CompressedWeight) for t in ckpt.tensors.values()) == 14
-    for name, info in ckpt.tensors.items():
-        ours = read_tensor(info)
-        assert ours.dtype == expected[name].dtype and torch.equal(ours, expected[name]), name
-        if isinstance(info.layout, CompressedWeight):
-            stop = min(45, info.rows - 2)
-            assert torch.equal(read_tensor(info, 3, stop), expected[name][3:stop]), name
+    assert_reads_like(models[case], decompressed(models[case]).state_dict(), CompressedWeight, 14, (3, 45))
 
 
 @pytest.mark.parametrize("case", ["int4-group-asym", "fp8-block"])
@@ -131,25 +120,13 @@ def test_merge_equals_peft_on_decompressed_model(case, models, tmp_path) -> None
     out = tmp_path / "out"
     merge(models[case], models["adapter"], out, dtype="bf16", device="cpu", chunk_size=4 * 64 * 20)
     reference = peft.PeftModel.from_pretrained(decompressed(models[case]), models["adapter"]).merge_and_unload()
-    expected, ours = reference.state_dict(), load_output(out)
-    assert ours.keys() == expected.keys()
-    for name, tensor in ours.items():
-        assert_equal_or_1ulp(tensor, expected[name], name)
-    assert "quantization_config" not in read_config(out)
-    expected_logits = logits(reference)
-    atol = 0.05 * float(expected_logits.abs().max())
-    torch.testing.assert_close(
-        logits(transformers.AutoModelForCausalLM.from_pretrained(out)), expected_logits, atol=atol, rtol=0
-    )
+    assert_merged_like(out, reference)
 
 
 def test_merge_without_adapter_decompresses(models, tmp_path) -> None:
     out = tmp_path / "out"
     merge(models["int4-group"], None, out, device="cpu")
-    expected = decompressed(models["int4-group"]).state_dict()
-    ours = load_output(out)
-    assert ours.keys() == expected.keys() and all(torch.equal(v, expected[k]) for k, v in ours.items())
-    assert "quantization_config" not in read_config(out)
+    assert_converted_like(out, decompressed(models["int4-group"]))
 
 
 Q = "model.layers.0.self_attn.q_proj"

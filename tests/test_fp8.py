@@ -85,6 +85,45 @@ def logits(model) -> torch.Tensor:
         return model(input_ids=IDS).logits.float()
 
 
+def assert_reads_like(path: Path, expected: dict[str, torch.Tensor], layout: type, count: int, rows: tuple) -> None:
+    """Every tensor of the checkpoint at ``path``, read lazily, equals the oracle's; ``count`` of them are quantized
+    (their layout a ``layout``) and read again in rows [rows[0], min(rows[1], their rows - 2)), which cut blocks."""
+    ckpt = open_checkpoint(path)
+    assert ckpt.tensors.keys() == expected.keys()
+    assert sum(isinstance(t.layout, layout) for t in ckpt.tensors.values()) == count
+    for name, info in ckpt.tensors.items():
+        ours = read_tensor(info)
+        assert ours.dtype == expected[name].dtype and torch.equal(ours, expected[name]), name
+        if isinstance(info.layout, layout):
+            stop = min(rows[1], info.rows - 2)
+            assert torch.equal(read_tensor(info, rows[0], stop), expected[name][rows[0] : stop]), name
+
+
+def assert_merged_like(out: Path, reference) -> None:
+    """A 16-bit merge equals the PEFT-merged ``reference`` model within 1 ulp, drops ``quantization_config``, and
+    loads in transformers with logits close to the reference's (bf16 weights within 1 ulp: close, not equal)."""
+    expected, ours = reference.state_dict(), load_output(out)
+    assert ours.keys() == expected.keys()
+    for name, tensor in ours.items():
+        assert_equal_or_1ulp(tensor, expected[name], name)
+    config = read_config(out)
+    assert "quantization_config" not in config and config["dtype"] == "bfloat16"
+    expected_logits = logits(reference)
+    atol = 0.05 * float(expected_logits.abs().max())
+    torch.testing.assert_close(logits(load(out)), expected_logits, atol=atol, rtol=0)
+
+
+def assert_converted_like(out: Path, dequantized) -> None:
+    """A merge without adapter is the oracle's ``dequantized`` model bit for bit: same bf16 tensors, no
+    ``quantization_config``, the same logits once loaded in transformers."""
+    expected, ours = dequantized.state_dict(), load_output(out)
+    assert ours.keys() == expected.keys()
+    for name, tensor in ours.items():
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, expected[name]), name
+    assert "quantization_config" not in read_config(out)
+    assert torch.equal(logits(load(out)), logits(dequantized))
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("fp8")
@@ -103,20 +142,10 @@ def models(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("kind", ["fp8", "fp8-split"])
 def test_reader_dequantizes_like_transformers(kind, models) -> None:
     """Every tensor read lazily (whole, and in row ranges that cut blocks) equals transformers' dequantized one."""
-    ckpt = open_checkpoint(models[kind])
-    expected = load(models[kind]).state_dict()
-    assert ckpt.tensors.keys() == expected.keys()
-    quantized = [n for n, t in ckpt.tensors.items() if isinstance(t.layout, BlockFP8)]
-    assert len(quantized) == 14  # 7 Linear layers a decoder layer, 2 layers
+    assert_reads_like(models[kind], load(models[kind]).state_dict(), BlockFP8, 14, (5, 50))  # 7 Linear a layer
     if kind == "fp8-split":
-        layout = ckpt.tensors[quantized[0]].layout
+        layout = next(t.layout for t in open_checkpoint(models[kind]).tensors.values() if t.layout is not None)
         assert layout.weight.path.name != layout.scale.path.name
-    for name, info in ckpt.tensors.items():
-        ours = read_tensor(info)
-        assert ours.dtype == expected[name].dtype and torch.equal(ours, expected[name]), name
-        if name in quantized:
-            stop = min(50, info.rows - 3)  # starts and ends inside 32-row blocks
-            assert torch.equal(read_tensor(info, 5, stop), expected[name][5:stop]), name
 
 
 @pytest.mark.parametrize("shape,block", [((72, 100), (32, 32)), ((128, 64), (128, 128)), ((40, 48), None)])
@@ -150,15 +179,7 @@ def test_merge_from_fp8_base_equals_peft_on_dequantized_model(kind, models, tmp_
     out = tmp_path / "out"
     merge(models[kind], models["adapter"], out, dtype="bf16", device="cpu", chunk_size=4 * 64 * 20)
     reference = peft.PeftModel.from_pretrained(load(models[kind]), models["adapter"]).merge_and_unload()
-    expected, ours = reference.state_dict(), load_output(out)
-    assert ours.keys() == expected.keys()
-    for name, tensor in ours.items():
-        assert_equal_or_1ulp(tensor, expected[name], name)
-    config = read_config(out)
-    assert "quantization_config" not in config and config["dtype"] == "bfloat16"
-    expected_logits = logits(reference)  # bf16 weights within 1 ulp: logits close, not equal
-    atol = 0.05 * float(expected_logits.abs().max())
-    torch.testing.assert_close(logits(load(out)), expected_logits, atol=atol, rtol=0)
+    assert_merged_like(out, reference)
 
 
 def test_merge_without_adapter_is_the_fp8_to_bf16_conversion(models, tmp_path) -> None:
@@ -166,13 +187,7 @@ def test_merge_without_adapter_is_the_fp8_to_bf16_conversion(models, tmp_path) -
     out = tmp_path / "out"
     result = merge(models["fp8-split"], None, out, device="cpu", max_shard_size="40KB")
     assert len(list(out.glob("*.safetensors"))) > 1 and result.merged == 0
-    dequantized = load(models["fp8-split"])
-    expected, ours = dequantized.state_dict(), load_output(out)
-    assert ours.keys() == expected.keys()
-    for name, tensor in ours.items():
-        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, expected[name]), name
-    assert "quantization_config" not in read_config(out)
-    assert torch.equal(logits(load(out)), logits(dequantized))
+    assert_converted_like(out, load(models["fp8-split"]))
 
 
 def transformers_fp8(merged16: Path, block: tuple[int, int]) -> dict[str, torch.Tensor]:

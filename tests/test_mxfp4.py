@@ -17,13 +17,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from convert import merge
-from formats.checkpoint import open_checkpoint
 from formats.mxfp4 import Mxfp4Experts
-from formats.safetensors_file import read_tensor
-from tests.conftest import assert_equal_or_1ulp, load_output, make_adapter, peft, read_config, transformers
+from tests.conftest import make_adapter, peft, transformers
 from tests.test_bad_input import run_failing
+from tests.test_fp8 import assert_converted_like, assert_merged_like, assert_reads_like
 
-IDS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
 QCONFIG = {  # gpt-oss-20b's
     "quant_method": "mxfp4",
     "modules_to_not_convert": [
@@ -68,11 +66,6 @@ def mxfp4_checkpoint(base: Path, out: Path) -> Path:
     return out
 
 
-def logits(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=IDS).logits.float()
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("mxfp4")
@@ -82,15 +75,8 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_reader_dequantizes_like_transformers(models) -> None:
-    ckpt = open_checkpoint(models["mxfp4"])
     expected = transformers.AutoModelForCausalLM.from_pretrained(models["mxfp4"]).state_dict()
-    assert ckpt.tensors.keys() == expected.keys()
-    assert sum(isinstance(t.layout, Mxfp4Experts) for t in ckpt.tensors.values()) == 4
-    for name, info in ckpt.tensors.items():
-        ours = read_tensor(info)
-        assert ours.dtype == expected[name].dtype and torch.equal(ours, expected[name]), name
-        if isinstance(info.layout, Mxfp4Experts):
-            assert torch.equal(read_tensor(info, 1, 3), expected[name][1:3]), name
+    assert_reads_like(models["mxfp4"], expected, Mxfp4Experts, 4, (1, 3))
 
 
 def test_merge_to_bf16_equals_peft_on_dequantized_model(models, tmp_path) -> None:
@@ -98,24 +84,13 @@ def test_merge_to_bf16_equals_peft_on_dequantized_model(models, tmp_path) -> Non
     merge(models["mxfp4"], models["adapter"], out, device="cpu", dtype="bf16")
     dequantized = transformers.AutoModelForCausalLM.from_pretrained(models["mxfp4"])
     reference = peft.PeftModel.from_pretrained(dequantized, models["adapter"]).merge_and_unload()
-    expected, ours = reference.state_dict(), load_output(out)
-    assert ours.keys() == expected.keys()
-    for name, tensor in ours.items():
-        assert_equal_or_1ulp(tensor, expected[name], name)
-    assert "quantization_config" not in read_config(out)
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
-    expected_logits = logits(reference)
-    atol = 0.05 * float(expected_logits.abs().max())
-    torch.testing.assert_close(logits(loaded), expected_logits, atol=atol, rtol=0)
+    assert_merged_like(out, reference)
 
 
 def test_merge_without_adapter_is_the_mxfp4_to_bf16_conversion(models, tmp_path) -> None:
     out = tmp_path / "out"
     merge(models["mxfp4"], None, out, device="cpu", chunk_size="64KB")
-    dequantized = transformers.AutoModelForCausalLM.from_pretrained(models["mxfp4"])
-    expected, ours = dequantized.state_dict(), load_output(out)
-    assert ours.keys() == expected.keys() and all(torch.equal(v, expected[k]) for k, v in ours.items())
-    assert torch.equal(logits(transformers.AutoModelForCausalLM.from_pretrained(out)), logits(dequantized))
+    assert_converted_like(out, transformers.AutoModelForCausalLM.from_pretrained(models["mxfp4"]))
 
 
 W = "model.layers.0.mlp.experts.down_proj"

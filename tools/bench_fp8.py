@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from bench_gpu_merge import SHAPES, base_tensors, cached_bytes, drop_caches, row, timed  # noqa: E402
+from bench_gpu_merge import SHAPES, base_tensors, cached_bytes, drop_caches, row, timed, write_configs  # noqa: E402
 
 from formats import fp8  # noqa: E402
 from formats.writer import PlannedTensor, ShardWriter  # noqa: E402
@@ -114,8 +114,6 @@ def build(base: Path, shape: str) -> None:
     """The FP8 base, generated and quantized on the GPU; kept between runs (rebuilt when its config is missing)."""
     if (base / "config.json").exists():
         return
-    from transformers import LlamaConfig
-
     from convert.kernels import fp8 as kernel
 
     shutil.rmtree(base, ignore_errors=True)
@@ -139,11 +137,7 @@ def build(base: Path, shape: str) -> None:
         else:
             writer.write(name, t.cpu())
     writer.finish()
-    hidden, layers, inter, vocab, heads, kv = SHAPES[shape]
-    LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=False, dtype="bfloat16",
-    ).save_pretrained(base)  # fmt: skip
+    write_configs(base, base, shape)  # bench_gpu_merge's LlamaConfig; its NF4 quantization_config is replaced here
     config = json.loads((base / "config.json").read_text())
     config["quantization_config"] = fp8.quantization_config(SPEC, ["lm_head"])
     (base / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
