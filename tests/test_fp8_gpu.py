@@ -45,3 +45,20 @@ def test_dequantize_on_cuda_equals_the_cpu_reference(shape, block, dtype) -> Non
         s = inv[first // block[0] :]
         out = F.dequantize(q[first:].cuda(), s.cuda(), block, first, dtype)  # the Triton kernel
         assert torch.equal(out.cpu(), F.dequantize_torch(q[first:], s, block, first, dtype)), first
+
+
+@cuda
+def test_cuda_merge_from_fp8_base_equals_cpu_merge(tmp_path) -> None:
+    """merge --device cuda from an FP8 base (the reader dequantizes, the fused kernel adds the delta) equals the CPU
+    merge within 1 ulp (a GPU GEMM sums in another order)."""
+    from convert import merge
+    from tests.conftest import load_output, make_adapter, ulp_distance
+    from tests.test_fp8 import SIZES64, fp8_checkpoint, make_base
+
+    base16 = make_base(tmp_path / "base16", SIZES64)
+    base = fp8_checkpoint(base16, tmp_path / "fp8", split_scales=True)
+    adapter = make_adapter(tmp_path / "adapter", base16, r=4, lora_alpha=8, target_modules="all-linear")
+    for device in ("cpu", "cuda"):
+        merge(base, adapter, tmp_path / device, device=device, dtype="bf16")
+    cpu, gpu = load_output(tmp_path / "cpu"), load_output(tmp_path / "cuda")
+    assert cpu.keys() == gpu.keys() and all(ulp_distance(gpu[k], v) <= 1 for k, v in cpu.items())
