@@ -13,8 +13,8 @@ import click
 from huggingface_hub.utils import disable_progress_bars
 from huggingface_hub.utils import logging as hf_logging
 
-from convert.options import HubTarget, MergeOptions, default
-from formats.bnb_names import BLOCKSIZES, COMPUTE_DTYPES, METHODS, STORAGE
+from convert.options import QUANTIZE_CHOICES, HubTarget, MergeOptions, default
+from formats.bnb_names import BLOCKSIZES, COMPUTE_DTYPES, STORAGE
 
 OPTIONS = [
     click.option(
@@ -81,8 +81,9 @@ def quantization_options(command):
         [
             click.option(
                 "--quantize",
-                type=click.Choice(METHODS),
-                help="Write a pre-quantized bitsandbytes checkpoint (lm_head and --skip-modules stay 16-bit).",
+                type=click.Choice(QUANTIZE_CHOICES),
+                help="Write the output quantized: bitsandbytes nf4/fp4/int8, block-scaled fp8 (128x128), or the "
+                "base's own format (same); lm_head and --skip-modules stay 16-bit.",
             ),
             defaulted(
                 "--double-quant/--no-double-quant",

@@ -11,9 +11,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from formats.bnb_names import METHODS
+
 DEFAULT_CHUNK_BYTES = 8 << 20  # a row chunk's memory budget in fp32: cache-sized tiles, a few MB per worker
 DEFAULT_SHARD_SIZE = "5GB"  # transformers' save_pretrained default
 MERGE_INTO = ("original", "dequantized")  # add a QLoRA delta to the 16-bit weights, or to their quantization round trip
+FORMAT_METHODS = ("fp8", "same")  # --quantize beyond bitsandbytes': block-scaled FP8, or the base's own format
+QUANTIZE_CHOICES = (*METHODS, *FORMAT_METHODS)
 SVD_METHODS = ("randomized", "exact")  # LoftQ's truncated SVD: randomized (fast) or a full SVD as PEFT
 
 

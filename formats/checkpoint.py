@@ -16,7 +16,10 @@ from pathlib import Path
 import torch
 
 from formats.bnb import group_quantized
+from formats.compressed_tensors import group_compressed, is_compressed
 from formats.errors import ConvertError
+from formats.fp8 import group_fp8
+from formats.mxfp4 import group_mxfp4
 from formats.safetensors_file import DTYPE_NAMES, TensorInfo, read_header
 
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -59,9 +62,31 @@ def open_checkpoint(directory: str | Path, shards: ShardFiles = ShardFiles()) ->
                 raise ConvertError(f"{files[0]}: a symbolic link that leaves the model directory")
         else:
             continue
+        check_quant_method(config, directory)
         tensors = group_quantized(loader(files, directory, index_name), config)
+        tensors = group_compressed(tensors, config) if is_compressed(config) else group_fp8(tensors, config)
+        tensors = group_mxfp4(tensors, config)
         return Checkpoint(directory, config, tensors, files)
     raise ConvertError(f"{directory}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin found")
+
+
+# quantization_config.quant_method values whose checkpoints are read (dequantized) here.
+QUANT_METHODS = ("bitsandbytes", "fp8", "compressed-tensors", "mxfp4")
+
+
+def check_quant_method(config: dict, directory: Path) -> None:
+    """Refuse a quantized checkpoint of a format not read here: its packed integers would merge as garbage."""
+    qconfig = config.get("quantization_config")
+    if qconfig is None:
+        return
+    method = qconfig.get("quant_method") if isinstance(qconfig, dict) else None
+    if method is None and isinstance(qconfig, dict) and {"load_in_4bit", "load_in_8bit"} & qconfig.keys():
+        return  # written by transformers before quant_method existed: bitsandbytes
+    if method not in QUANT_METHODS:
+        raise ConvertError(
+            f"{directory / 'config.json'}: quantization_config.quant_method {method!r} is not a format this tool "
+            f"reads (expected one of {', '.join(QUANT_METHODS)})"
+        )
 
 
 def read_json(path: Path) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,7 +19,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from convert.cli import main
+from convert.execute.decode import read_rows
 from convert.output.stage import JOURNAL, partial_path
+from formats.checkpoint import open_checkpoint
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -261,3 +264,100 @@ LORA_CASES = {
     "phi3-fused-qkv": ("phi3", "fp32", dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj"])),
     "qwen2-untouched-tie": ("qwen2", "bf16", dict(r=4, lora_alpha=8, target_modules="all-linear")),
 }
+
+
+FP8_IDS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def make_llama(path: Path, sizes: dict, dtype: torch.dtype = torch.bfloat16) -> Path:
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**sizes)).to(dtype)
+    model.save_pretrained(path)
+    return path
+
+
+
+def transformers_quantizer(block: tuple[int, int] | None):
+    """transformers' own FP8 quantizer (``Fp8Quantize``) with its config, the oracle of FP8 writing."""
+    from transformers.integrations import finegrained_fp8
+
+    config = transformers.FineGrainedFP8Config(weight_block_size=block)
+    return finegrained_fp8.Fp8Quantize(SimpleNamespace(quantization_config=config)), config
+
+
+
+def fp8_checkpoint(base: Path, out: Path, block: tuple[int, int] = (32, 32), split_scales: bool = False) -> Path:
+    """``base``'s Linear weights (not lm_head) quantized by transformers' ``Fp8Quantize``; with ``split_scales``
+    the scales go to a second shard (as in DeepSeek-V3, where a weight's scale may lie in another file)."""
+    op, config = transformers_quantizer(block)
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in load_file(base / "model.safetensors").items():
+        state.update(op.convert({name: tensor}) if name.endswith("proj.weight") else {name: tensor})
+    out.mkdir()
+    if split_scales:
+        shards = {
+            "model-00001-of-00002.safetensors": {k: v for k, v in state.items() if not k.endswith("_scale_inv")},
+            "model-00002-of-00002.safetensors": {k: v for k, v in state.items() if k.endswith("_scale_inv")},
+        }
+        for name, part in shards.items():
+            save_file(part, out / name, metadata={"format": "pt"})
+        weight_map = {k: name for name, part in shards.items() for k in part}
+        (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    else:
+        save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    config_json = json.loads((base / "config.json").read_text())
+    config_json["quantization_config"] = config.to_dict()
+    (out / "config.json").write_text(json.dumps(config_json))
+    return out
+
+
+
+def load_model(path: Path, dtype: torch.dtype | str = "auto"):
+    """transformers' model of a checkpoint; an FP8 one is dequantized (no GPU here) by its ``Fp8Dequantize``."""
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
+
+def fp8_logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=FP8_IDS).logits.float()
+
+
+
+def assert_reads_like(path: Path, expected: dict[str, torch.Tensor], layout: type, count: int, rows: tuple) -> None:
+    """Every tensor of the checkpoint at ``path``, read lazily, equals the oracle's; ``count`` of them are quantized
+    (their layout a ``layout``) and read again in rows [rows[0], min(rows[1], their rows - 2)), which cut blocks."""
+    ckpt = open_checkpoint(path)
+    assert ckpt.tensors.keys() == expected.keys()
+    assert sum(isinstance(t.layout, layout) for t in ckpt.tensors.values()) == count
+    for name, info in ckpt.tensors.items():
+        ours = read_rows(info)
+        assert ours.dtype == expected[name].dtype and torch.equal(ours, expected[name]), name
+        if isinstance(info.layout, layout):
+            stop = min(rows[1], info.rows - 2)
+            assert torch.equal(read_rows(info, rows[0], stop), expected[name][rows[0] : stop]), name
+
+
+def assert_merged_like(out: Path, reference) -> None:
+    """A 16-bit merge equals the PEFT-merged ``reference`` model within 1 ulp, drops ``quantization_config``, and
+    loads in transformers with logits close to the reference's (bf16 weights within 1 ulp: close, not equal)."""
+    expected, ours = reference.state_dict(), load_output(out)
+    assert ours.keys() == expected.keys()
+    for name, tensor in ours.items():
+        assert_equal_or_1ulp(tensor, expected[name], name)
+    config = read_config(out)
+    assert "quantization_config" not in config and config["dtype"] == "bfloat16"
+    expected_logits = fp8_logits(reference)
+    atol = 0.05 * float(expected_logits.abs().max())
+    torch.testing.assert_close(fp8_logits(load_model(out)), expected_logits, atol=atol, rtol=0)
+
+
+def assert_converted_like(out: Path, dequantized) -> None:
+    """A merge without adapter is the oracle's ``dequantized`` model bit for bit: same bf16 tensors, no
+    ``quantization_config``, the same logits once loaded in transformers."""
+    expected, ours = dequantized.state_dict(), load_output(out)
+    assert ours.keys() == expected.keys()
+    for name, tensor in ours.items():
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, expected[name]), name
+    assert "quantization_config" not in read_config(out)
+    assert torch.equal(fp8_logits(load_model(out)), fp8_logits(dequantized))

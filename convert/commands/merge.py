@@ -15,7 +15,7 @@ from pathlib import Path
 from convert.devices import parse_devices
 from convert.execute.cpu import run_plan
 from convert.execute.gpu import run_plan_gpu
-from convert.options import MergeOptions
+from convert.options import FORMAT_METHODS, MergeOptions
 from convert.output.job import OutputJob, human_bytes, option_sizes, peak_rss_bytes, version
 from convert.output.stage import fingerprint
 from convert.plan.build import Plan
@@ -102,7 +102,9 @@ def card(inputs: Inputs, opts: MergeOptions) -> tuple[str, str | None, dict[str,
     if inputs.adapter is not None:
         config = inputs.adapter.config
         settings |= {"adapter r": str(config.get("r")), "lora_alpha": str(config.get("lora_alpha"))}
-    if opts.quantize:
+    if opts.quantize in FORMAT_METHODS:
+        settings["quantize"] = opts.quantize
+    elif opts.quantize:
         settings["quantize"] = f"{opts.quantize} (blocksize {opts.blocksize}, double quant {opts.double_quant})"
     if opts.merge_into != "original":
         settings["merge into"] = opts.merge_into

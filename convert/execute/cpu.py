@@ -20,12 +20,12 @@ from dataclasses import dataclass
 import torch
 
 from convert.execute.decode import read_rows
-from convert.execute.quantize_sink import StreamingQuantizer
+from convert.execute.quantize_sink import StreamingQuantizer, streaming_quantizer
 from convert.kernels.dora import merge_columns, scale_rows_
 from convert.options import DEFAULT_CHUNK_BYTES
 from convert.plan.build import OutputTensor
 from convert.plan.lora import BiasDelta, LowRankDelta, expert_factors, factor_tensors
-from formats import bnb
+from formats import fp8
 from formats.safetensors_file import DTYPES, read_tensor
 from formats.writer import ShardWriter
 
@@ -211,7 +211,9 @@ def plan_jobs(tensors: list[OutputTensor], chunk_elements: int) -> list[Work]:
             [(0, 0)]
             if out.byte_copy
             else row_chunks(
-                out.shape, chunk_budget(out, chunk_elements), bnb.chunk_rows(out.shape, out.quant) if out.quant else 1
+                out.shape,
+                chunk_budget(out, chunk_elements),
+                fp8.layout_module(out.quant).chunk_rows(out.shape, out.quant) if out.quant else 1,
             )
         )
     ]
@@ -289,7 +291,7 @@ def run_plan(
     tile = CPU_TILE_ELEMENTS if on_cpu else chunk_elements
     row = max_row(tensors)
     quantizers = {
-        t.name: StreamingQuantizer(writer, t.name, t.shape, t.dtype, t.quant)
+        t.name: streaming_quantizer(writer, t)
         for t in tensors
         if t.quant is not None
     }
@@ -333,7 +335,7 @@ def max_row(tensors: list[OutputTensor]) -> int:
     group of rows that holds whole blocks, plus one: the most a chunk can exceed its budget by)."""
     return max(
         (
-            math.prod(t.shape[1:]) * (bnb.chunk_rows(t.shape, t.quant) + 1 if t.quant else 1)
+            math.prod(t.shape[1:]) * (fp8.layout_module(t.quant).chunk_rows(t.shape, t.quant) + 1 if t.quant else 1)
             for t in tensors
             if not t.byte_copy and len(t.shape) > 1
         ),

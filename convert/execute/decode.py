@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from convert.kernels import quant
-from formats import bnb
+from convert.kernels import fp8 as fp8_kernel
+from convert.kernels import mxfp4 as mxfp4_kernel
+from convert.kernels import packed_int, quant
+from formats import bnb, compressed_tensors, fp8, mxfp4
 from formats.errors import ConvertError
 from formats.safetensors_file import TensorInfo, read_tensor
 
@@ -147,8 +149,77 @@ class RoundTrip:
             return self._state["absmax"]
 
 
+def fp8_rows(q: fp8.BlockFP8, start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows [start, stop) of a block-scaled FP8 weight as transformers' ``Fp8Dequantize`` gives them, a tile of
+    whole block rows at a time, into ``buffer`` (or a new tensor)."""
+    cols = q.weight.shape[1]
+    out = output(buffer, (stop - start) * cols, q.dtype).view(stop - start, cols)
+    bm = q.block[0] if q.block else 1
+    step = max(bm, DEQUANT_TILE // max(1, cols) // bm * bm)
+    r0 = start
+    while r0 < stop:
+        r1 = min((r0 // step + 1) * step, stop)  # tiles start on block rows, whatever ``start`` is
+        values = read_tensor(q.weight, r0, r1)
+        s = read_tensor(q.scale, r0 // bm, -(-r1 // bm)) if q.block else read_tensor(q.scale)
+        out[r0 - start : r1 - start] = fp8_kernel.dequantize(values, s, q.block, r0, q.dtype)
+        r0 = r1
+    return out
+
+
+def compressed_rows(
+    c: compressed_tensors.CompressedWeight, start: int, stop: int, buffer: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Rows [start, stop) of a compressed-tensors weight as its ``decompress`` gives them, a tile at a time."""
+    cols = c.shape[1]
+    out = output(buffer, (stop - start) * cols, c.dtype).view(stop - start, cols)
+    align = c.block[0] if c.block else 32 // c.num_bits if c.zero_point is not None else 1
+    step = max(align, DEQUANT_TILE // max(1, cols) // align * align)
+    r0 = start
+    while r0 < stop:
+        r1 = min((r0 // step + 1) * step, stop)
+        q = read_tensor(c.values, r0, r1)
+        if c.packed:
+            q = packed_int.unpack_columns(q, c.num_bits, cols)
+        if c.block is not None:  # in the scale's dtype first, as compressed-tensors' _process_block
+            s = read_tensor(c.scale, r0 // c.block[0], -(-r1 // c.block[0]))
+            values = fp8_kernel.dequantize(q, s, c.block, r0, s.dtype).to(c.dtype)
+        else:
+            s = read_tensor(c.scale) if c.strategy == "tensor" else read_tensor(c.scale, r0, r1)
+            values = packed_int.dequantize(q, s, zero_points(c, r0, r1), c.group_size, c.dtype)
+        out[r0 - start : r1 - start] = values
+        r0 = r1
+    return out
+
+
+def zero_points(c: compressed_tensors.CompressedWeight, r0: int, r1: int) -> torch.Tensor | None:
+    if c.zero_point is None:
+        return None
+    if c.strategy == "tensor":
+        return read_tensor(c.zero_point)
+    if not c.packed:
+        return read_tensor(c.zero_point, r0, r1)
+    per = 32 // c.num_bits
+    words = read_tensor(c.zero_point, r0 // per, -(-r1 // per))
+    return packed_int.unpack_rows(words, c.num_bits, r0, r1 - r0)
+
+
+def mxfp4_rows(m: mxfp4.Mxfp4Experts, start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """Experts [start, stop) of an MXFP4 weight, one expert at a time: the kernel's temporaries stay one expert's
+    size."""
+    _, rows, groups, width = m.blocks.shape
+    per_expert = rows * groups * width * 2
+    out = output(buffer, (stop - start) * per_expert, m.dtype).view(stop - start, groups * width * 2, rows)
+    for e in range(start, stop):
+        values = mxfp4_kernel.dequantize(read_tensor(m.blocks, e, e + 1), read_tensor(m.scales, e, e + 1), m.dtype)
+        out[e - start] = values[0]
+    return out
+
+
 DECODERS: dict[type, Callable[..., torch.Tensor]] = {
     bnb.Packed4bit: packed_4bit_rows,
     bnb.Int8Rows: int8_rows,
     RoundTrip: RoundTrip.read_rows,
+    fp8.BlockFP8: fp8_rows,
+    compressed_tensors.CompressedWeight: compressed_rows,
+    mxfp4.Mxfp4Experts: mxfp4_rows,
 }

@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from convert.kernels import fp8 as fp8_kernel
 from convert.kernels import quant
+from formats import fp8
 from formats.bnb import BLOB, QuantSpec, chunk_rows, quant_state_blob
-from formats.safetensors_file import DTYPE_NAMES
+from formats.safetensors_file import DTYPE_NAMES, DTYPES
 from formats.writer import ShardWriter
 
 
@@ -97,3 +99,32 @@ def quantize_tensor(writer: ShardWriter, name: str, tensor: torch.Tensor, spec: 
     step = max(g, step // g * g)
     for start in range(0, tensor.shape[0], step):
         sink.write_rows(start, tensor[start : start + step])
+
+
+@dataclass
+class FP8Quantizer:
+    """Quantizes one output weight into ``X.weight`` + ``X.weight_scale_inv``, row chunk by row chunk, from any
+    thread: every chunk (whole block rows, see ``formats.fp8.chunk_rows``) holds all the values its scales depend
+    on, so it is quantized and written at once, with no state kept between chunks. Plan
+    ``formats.fp8.serialized_tensors(...)`` in a ``ShardWriter`` first, as for ``StreamingQuantizer``."""
+
+    writer: ShardWriter
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    spec: fp8.FP8Spec
+
+    def write_rows(self, start: int, rows: torch.Tensor) -> None:
+        block = self.spec.block
+        assert block is None or start % block[0] == 0, "an FP8 chunk must start on a block row"
+        q, inv = fp8_kernel.quantize(rows.reshape(len(rows), self.shape[1]), block)
+        self.writer.write(self.name, q.cpu().view(torch.uint8), start * self.shape[1])
+        inv = inv.to(DTYPES[self.spec.scale_dtype]).cpu()
+        offset = 0 if block is None else start // block[0] * inv.shape[-1] * inv.element_size()
+        self.writer.write(fp8.scale_name(self.name), inv, offset)
+
+
+def streaming_quantizer(writer: ShardWriter, out) -> StreamingQuantizer | FP8Quantizer:
+    """The sink of one quantized output tensor (a ``convert.plan.build.OutputTensor`` with ``quant`` set)."""
+    kind = FP8Quantizer if isinstance(out.quant, fp8.FP8Spec) else StreamingQuantizer
+    return kind(writer, out.name, out.shape, out.dtype, out.quant)

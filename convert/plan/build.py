@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from convert.plan import architecture
 from convert.plan.lora import BiasDelta, Delta, check_config, low_rank_delta, narrow, parameter_delta, scaling_for
-from formats import bnb
+from formats import bnb, fp8
 from formats.adapter import Adapter
 from formats.checkpoint import Checkpoint
 from formats.dtypes import OUTPUT_DTYPES
@@ -28,7 +28,7 @@ class OutputTensor:
     dtype: str
     source: TensorInfo
     delta: Delta | None = None
-    quant: bnb.QuantSpec | None = None  # written bitsandbytes-quantized (``convert.plan.quantize``)
+    quant: bnb.QuantSpec | fp8.FP8Spec | None = None  # written quantized (``convert.plan.quantize``)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -41,7 +41,9 @@ class OutputTensor:
     @property
     def serialized(self) -> list[PlannedTensor]:
         """The tensors written to the shards: this one, or the several a quantized weight is saved as."""
-        return bnb.serialized_tensors(self.name, self.shape, self.dtype, self.quant) if self.quant else [self.planned]
+        if not self.quant:
+            return [self.planned]
+        return fp8.layout_module(self.quant).serialized_tensors(self.name, self.shape, self.dtype, self.quant)
 
     @property
     def byte_copy(self) -> bool:

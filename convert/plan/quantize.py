@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from convert.execute.decode import RoundTrip
-from convert.options import MERGE_INTO
+from convert.options import FORMAT_METHODS, MERGE_INTO
 from convert.plan import architecture
-from convert.plan.build import Plan
-from formats import bnb
+from convert.plan.build import OutputTensor, Plan
+from formats import bnb, fp8
 from formats.errors import ConvertError
 
 # How PEFT's ``PeftModel.create_or_update_model_card`` records the base's quantization in an adapter's README.md.
@@ -62,25 +62,69 @@ def should_quantize(
     return not any(re.match(rf"(?:{key}){boundary}", module) or module.endswith(key) for key in skip)
 
 
+def linear_weights(plan: Plan) -> dict[str, str] | None:
+    """Checkpoint weight -> in-memory module of what transformers would quantize, from the base's real module
+    types (None for a plan made without a base checkpoint: then names decide)."""
+    return architecture.quantized_weights(plan.base) if plan.base is not None else None
+
+
 def skip_list(spec: bnb.QuantSpec, config: dict) -> list[str]:
     """Modules kept 16-bit: lm_head (as transformers), the user's, and those the base already skipped."""
-    base_skip = (config.get("quantization_config") or {}).get("llm_int8_skip_modules") or []
+    qconfig = config.get("quantization_config") or {}
+    base_skip = qconfig.get("llm_int8_skip_modules") or qconfig.get("modules_to_not_convert") or []
     return list(dict.fromkeys(["lm_head", *spec.skip_modules, *base_skip]))
 
 
 def quantize_plan(plan: Plan, spec: bnb.QuantSpec, config: dict) -> Plan:
-    """Write every Linear weight bitsandbytes-quantized, and record ``quantization_config``."""
+    """Write every Linear weight bitsandbytes-quantized, and record ``quantization_config``.
+
+    ``spec.method`` ``fp8`` and ``same`` go to ``format_plan`` (block-scaled FP8, the base's own format)."""
+    if spec.method in FORMAT_METHODS:
+        return format_plan(plan, spec, config)
     check_spec(spec)
     bnb.check_not_conv1d(config, "--quantize")
     skip = skip_list(spec, config)
     spec = replace(spec, skip_modules=tuple(skip))
-    linear = architecture.quantized_weights(plan.base) if plan.base is not None else None
+    linear = linear_weights(plan)
     tensors = [
         replace(t, quant=spec) if should_quantize(t.name, t.shape, t.dtype, skip, linear) else t
         for t in plan.tensors
     ]
     updates = {**plan.config_updates, "quantization_config": bnb.quantization_config(spec, plan.dtype)}
     return Plan(tensors, plan.dtype, updates, plan.base)
+
+
+def format_plan(plan: Plan, spec: bnb.QuantSpec, config: dict) -> Plan:
+    """``--quantize fp8``: every Linear weight (``should_quantize``, with ``skip_list``) written as block-scaled
+    FP8 (128x128 blocks, fp32 ``weight_scale_inv``) with the ``quantization_config`` DeepSeek-V3 ships.
+    ``--quantize same``: the output in the base's own format and settings: its FP8 weights written FP8 again
+    (same block size, scale dtype, static activation scales copied), under the base's own ``quantization_config``;
+    a bitsandbytes base is written with the settings its quant states record (``bnb.spec_of``)."""
+    sources = {t.name: t.source for t in plan.tensors}
+    if spec.method == "same":
+        method = (config.get("quantization_config") or {}).get("quant_method")
+        if method not in (None, "fp8", "bitsandbytes"):
+            raise ConvertError(f"--quantize same: writing {method} checkpoints is not supported yet (fp8 is)")
+        fp8_spec = fp8.spec_of(sources)
+        if fp8_spec is None:
+            bnb_spec = bnb.spec_of(sources, config)
+            if bnb_spec is None:
+                raise ConvertError("--quantize same: the base model is not quantized (no FP8 or bitsandbytes weights)")
+            return quantize_plan(plan, bnb_spec, config)
+        targets = {t.name for t in plan.tensors if isinstance(t.source.layout, fp8.BlockFP8)}
+        qconfig = config["quantization_config"]
+    else:
+        fp8_spec, skip = fp8.FP8Spec(), skip_list(spec, config)
+        linear = linear_weights(plan)
+        targets = {t.name for t in plan.tensors if should_quantize(t.name, t.shape, t.dtype, skip, linear)}
+        qconfig = fp8.quantization_config(fp8_spec, skip)
+    tensors = []
+    for t in plan.tensors:
+        tensors.append(replace(t, quant=fp8_spec) if t.name in targets else t)
+        scale = t.source.layout.activation_scale if isinstance(t.source.layout, fp8.BlockFP8) else None
+        if t.name in targets and scale is not None:
+            tensors.append(OutputTensor(scale.name, scale.dtype, scale))
+    return Plan(tensors, plan.dtype, {**plan.config_updates, "quantization_config": qconfig}, plan.base)
 
 
 def merge_into_dequantized(plan: Plan, spec: bnb.QuantSpec, config: dict, device: torch.device) -> Plan:
@@ -94,7 +138,7 @@ def merge_into_dequantized(plan: Plan, spec: bnb.QuantSpec, config: dict, device
     check_spec(spec)
     bnb.check_not_conv1d(config, "--merge-into dequantized")
     skip = skip_list(spec, config)
-    linear = architecture.quantized_weights(plan.base) if plan.base is not None else None
+    linear = linear_weights(plan)
     tensors = []
     for t in plan.tensors:
         source = t.source
