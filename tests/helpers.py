@@ -313,7 +313,13 @@ def fp8_checkpoint(base: Path, out: Path, block: tuple[int, int] = (32, 32), spl
 
 
 def load_model(path: Path, dtype: torch.dtype | str = "auto"):
-    """transformers' model of a checkpoint; an FP8 one is dequantized (no GPU here) by its ``Fp8Dequantize``."""
+    """transformers' model of a checkpoint; an FP8 one is dequantized by its ``Fp8Dequantize`` (asked for: with a
+    GPU, transformers would keep the FP8 weights)."""
+    qconfig = read_config(path).get("quantization_config") or {}
+    if qconfig.get("quant_method") == "fp8":
+        block = qconfig.get("weight_block_size")
+        config = transformers.FineGrainedFP8Config(weight_block_size=block, dequantize=True)
+        return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=config)
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
 
 
@@ -361,3 +367,25 @@ def assert_converted_like(out: Path, dequantized) -> None:
         assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, expected[name]), name
     assert "quantization_config" not in read_config(out)
     assert torch.equal(fp8_logits(load_model(out)), fp8_logits(dequantized))
+
+
+def squeezing_interpreter_index() -> None:
+    """Make Triton's interpreter turn a 1-element tensor into an index as Triton 3.7+ does (``int(data.squeeze())``).
+
+    Triton 3.6's interpreter calls ``int()`` on the 1-element array itself, which NumPy 2.5 refuses, so a kernel
+    whose loop bounds are runtime values cannot run there (the GPU image pairs the two). Patching the interpreter's
+    own tensor hook keeps the kernel as it is compiled; newer Triton already squeezes, and is left alone."""
+    import inspect
+
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or "squeeze()" in inspect.getsource(original):
+        return
+
+    def patched(tensor, *args):
+        original(tensor, *args)
+        index = lambda self: int(self.handle.data.squeeze())  # noqa: E731
+        args[0].set_attr(tensor, "__index__", index) if args else setattr(tensor, "__index__", index)
+
+    interpreter._patch_lang_tensor = patched

@@ -125,17 +125,18 @@ def test_merge_from_quantized_base_equals_peft_on_dequantized_model(kind, dtype,
     torch.testing.assert_close(logits(loaded), expected_logits, atol=0.05 * float(expected_logits.abs().max()), rtol=0)
 
 
+BF16_COMPUTE = dict(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)  # ours: auto = the output dtype
 QUANTIZE = {
     # name: (convert options, BitsAndBytesConfig of the same settings)
     "nf4-dq-sharded": (
         dict(quantize="nf4", max_shard_size="20KB"),
-        dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
+        dict(**BF16_COMPUTE, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
     ),
-    "fp4": (dict(quantize="fp4", double_quant=False), dict(load_in_4bit=True, bnb_4bit_quant_type="fp4")),
+    "fp4": (dict(quantize="fp4", double_quant=False), dict(**BF16_COMPUTE, bnb_4bit_quant_type="fp4")),
     "nf4-bf16-storage": (
         dict(quantize="nf4", quant_storage="bfloat16"),
         dict(
-            load_in_4bit=True,
+            **BF16_COMPUTE,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_quant_storage=torch.bfloat16,
@@ -275,7 +276,8 @@ def test_blocks_straddling_rows(quant_type, double_quant, tmp_path, monkeypatch)
     flat = F.dequantize_4bit(packed, flat_state).reshape(w.shape)
     assert torch.equal(decode.read_rows(info), flat)
     assert torch.equal(torch.cat([decode.read_rows(info, r, min(r + 7, 600)) for r in range(0, 600, 7)]), flat)
-    assert (flat.float() - w.float()).abs().max() < (F.dequantize_4bit(packed, state).float() - w.float()).abs().max()
+    # bitsandbytes' CPU kernel given the 2-D shape is no closer (on some CPUs it is as close; on others further off)
+    assert (flat.float() - w.float()).abs().max() <= (F.dequantize_4bit(packed, state).float() - w.float()).abs().max()
 
 
 Q = "model.layers.0.self_attn.q_proj.weight"

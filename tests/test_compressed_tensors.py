@@ -99,7 +99,7 @@ def compressed_checkpoint(base: Path, out: Path, case: str) -> Path:
 
 def decompressed(path: Path):
     """transformers' model of a compressed-tensors checkpoint, decompressed by compressed-tensors."""
-    config = transformers.CompressedTensorsConfig(run_compressed=False)
+    config = transformers.CompressedTensorsConfig(run_compressed=False, dequantize=True)  # also with a GPU
     return transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=config)
 
 

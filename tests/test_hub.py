@@ -135,7 +135,7 @@ def test_shard_k_plus_1_downloads_while_k_merges_and_no_keep_downloads_deletes_t
 
     monkeypatch.setattr(merge_module, "run_plan", observed_run_plan)
     out = tmp_path / "out"
-    run(*FROM_HUB, "--out", str(out), "--no-keep-downloads")
+    run(*FROM_HUB, "--out", str(out), "--no-keep-downloads", "--device", "cpu")  # the CPU executor it observes
     assert tree(out).keys() == local.keys() and without_card(tree(out)) == without_card(local)
     assert len(present) == len(shards) and overlapped == [True] * (len(shards) - 1)
     assert max(len(p) for p in present) <= 2  # disk holds the shard being merged and the next one

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import ulp_distance
+from tests.helpers import squeezing_interpreter_index, ulp_distance
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,6 +41,8 @@ def quantized(weight: torch.Tensor, quant_type: str, device: str):
 
 def run_checks(device: str) -> int:
     """Every kernel mode on small odd shapes (partial tiles, K over one block); returns the cases checked."""
+    if device == "cpu":  # under TRITON_INTERPRET
+        squeezing_interpreter_index()
     from convert.kernels.merge_triton import (
         dequantize_reference,
         merge_reference,
