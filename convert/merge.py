@@ -61,7 +61,7 @@ def human_bytes(n: int) -> str:
 
 
 def merge(
-    base: str | os.PathLike,
+    base: str | os.PathLike | Checkpoint,
     adapter: str | os.PathLike | None,
     out: str | os.PathLike,
     *,
@@ -88,7 +88,8 @@ def merge(
 ) -> MergeResult:
     """Merge ``adapter`` into ``base`` and write the result to ``out``; the CLI's ``convert merge``.
 
-    With ``adapter=None`` the base is rewritten (resharded, or cast with ``dtype``).
+    With ``adapter=None`` the base is rewritten (resharded, or cast with ``dtype``). ``base`` may be an
+    opened ``Checkpoint`` (a training checkpoint's lazy tensors, ``convert.consolidate``).
     A bitsandbytes-quantized base is dequantized as it is read; ``quantize`` (nf4, fp4, int8)
     writes the output quantized, with the bitsandbytes settings that follow it. ``merge_into=
     "dequantized"`` adds the delta to a 16-bit base's weights rounded through the quantization a
@@ -103,6 +104,7 @@ def merge(
     error on NaN/Inf adapter values into a warning.
     """
     started = time.perf_counter()
+    opened, base = (base, base.directory) if isinstance(base, Checkpoint) else (None, base)  # already opened source
     base_repo, adapter_repo = parse_repo_id(base), parse_repo_id(adapter) if adapter is not None else None
     out = Path(out)
     local = [Path(p) for p, repo in ((base, base_repo), (adapter, adapter_repo)) if p is not None and not repo]
@@ -123,7 +125,7 @@ def merge(
     if adapter_repo:
         adapter_dir = fetch_adapter(str(adapter), revision, token)
 
-    ckpt = hub.checkpoint if hub else open_checkpoint(base)
+    ckpt = opened or (hub.checkpoint if hub else open_checkpoint(base))
     if not ckpt.config:
         raise ConvertError(f"{base / 'config.json'}: missing (not a Hugging Face model directory)")
     peft = open_adapter(adapter_dir) if adapter_dir is not None else None

@@ -1,0 +1,125 @@
+"""``consolidate --from dcp``: a real FSDP2 checkpoint (2 gloo ranks), against ``dcp_to_torch_save``."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from convert.consolidate import consolidate
+from formats.dcp import open_dcp
+from formats.errors import ConvertError
+from formats.safetensors_file import read_tensor
+from tests.conftest import ROOT, load_output
+
+transformers = pytest.importorskip("transformers")
+
+
+def spawn_run(kind: str, run: Path, world: int) -> Path:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run(
+        [sys.executable, "-m", "tests.training_runs", kind, str(run), str(world)],
+        check=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
+    return run
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory) -> Path:
+    return spawn_run("fsdp2", tmp_path_factory.mktemp("fsdp2") / "run", 2)
+
+
+def reference(checkpoint: Path, tmp: Path, key: str | None = "model") -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(checkpoint, tmp / "ref.pt")
+    state = torch.load(tmp / "ref.pt", weights_only=True)
+    return state[key] if key else state
+
+
+def test_fsdp2_consolidates_bit_exact_and_loads(fsdp_run: Path, tmp_path: Path) -> None:
+    ref = reference(fsdp_run / "checkpoint", tmp_path)
+    result = consolidate("dcp", fsdp_run / "checkpoint", tmp_path / "out", max_shard_size="20KB")
+    out = load_output(tmp_path / "out")
+    assert len(result.files) > 3 and "model.safetensors.index.json" in result.files  # several shards
+    assert sorted(out) == sorted(ref)
+    for name, tensor in ref.items():
+        assert out[name].dtype == tensor.dtype and torch.equal(out[name], tensor), name
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    oracle = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(fsdp_run)).eval()
+    oracle.load_state_dict(ref)
+    ids = torch.arange(10).view(1, -1)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, oracle(ids).logits)
+
+
+def test_fsdp2_bf16_output(fsdp_run: Path, tmp_path: Path) -> None:
+    ref = reference(fsdp_run / "checkpoint", tmp_path)
+    consolidate("dcp", fsdp_run / "checkpoint", tmp_path / "out", dtype="bf16")
+    out = load_output(tmp_path / "out")
+    for name, tensor in ref.items():
+        assert torch.equal(out[name], tensor.to(torch.bfloat16)), name
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "out").dtype == torch.bfloat16
+
+
+def test_column_sharded_tensor_rows(fsdp_run: Path, tmp_path: Path) -> None:
+    """Chunks that split the second dimension (tensor parallel): every row range is assembled right."""
+    ref = reference(fsdp_run / "columns", tmp_path, key=None)["w"]
+    info = open_dcp(fsdp_run / "columns").tensors["w"]
+    assert len(info.reader.pieces) == 2 and info.reader.pieces[0].sizes[1] < ref.shape[1]
+    assert torch.equal(read_tensor(info), ref)
+    for start, stop in ((0, 1), (1, 4), (5, 6)):
+        buffer = torch.empty(1 << 12, dtype=torch.uint8)
+        assert torch.equal(read_tensor(info, start, stop, buffer), ref[start:stop])
+
+
+def copy_run(run: Path, tmp: Path) -> Path:
+    shutil.copytree(run, tmp / "run")
+    return tmp / "run"
+
+
+def test_missing_rank_file(fsdp_run: Path, tmp_path: Path) -> None:
+    run = copy_run(fsdp_run, tmp_path)
+    (run / "checkpoint" / "__1_0.distcp").unlink()
+    with pytest.raises(ConvertError, match=r"__1_0\.distcp: tensor '[\w.]+': storage file is missing"):
+        consolidate("dcp", run / "checkpoint", tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+def test_truncated_storage_file(fsdp_run: Path, tmp_path: Path) -> None:
+    run = copy_run(fsdp_run, tmp_path)
+    path = run / "checkpoint" / "__0_0.distcp"
+    os.truncate(path, path.stat().st_size // 5)  # model tensors lie first, optimizer state after
+    with pytest.raises(ConvertError, match=r"__0_0\.distcp: tensor '[\w.]+': .*truncated file"):
+        consolidate("dcp", run / "checkpoint", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+class Boom:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_metadata_pickle_cannot_run_code(fsdp_run: Path, tmp_path: Path) -> None:
+    run = copy_run(fsdp_run, tmp_path)
+    (run / "checkpoint" / ".metadata").write_bytes(pickle.dumps(Boom()))
+    with pytest.raises(ConvertError, match=r"\.metadata: not a DCP metadata file: .*posix\.system' is not one of"):
+        consolidate("dcp", run / "checkpoint", tmp_path / "out")
+    assert not (tmp_path / "pwned").exists() and not (ROOT / "pwned").exists()
+
+
+def test_no_config(fsdp_run: Path, tmp_path: Path) -> None:
+    run = copy_run(fsdp_run, tmp_path)
+    (run / "config.json").unlink()
+    with pytest.raises(ConvertError, match="no config.json beside the checkpoint"):
+        consolidate("dcp", run / "checkpoint", tmp_path / "out")
