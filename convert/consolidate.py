@@ -20,8 +20,9 @@ from convert.push import HubTarget
 from formats.checkpoint import Checkpoint
 from formats.dcp import open_dcp
 from formats.errors import ConvertError
+from formats.zero3 import open_zero3
 
-SOURCES: dict[str, Callable[[Path], Checkpoint]] = {"dcp": open_dcp}
+SOURCES: dict[str, Callable[[Path], Checkpoint]] = {"dcp": open_dcp, "deepspeed": open_zero3}
 
 
 def open_source(source: str, checkpoint_dir: str | os.PathLike) -> Checkpoint:

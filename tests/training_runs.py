@@ -6,6 +6,8 @@
 AdamW step, then ``dcp.save({"model": ..., "optim": ...})`` to RUN_DIR/checkpoint (the
 accelerate/torchtitan layout) with the model's config.json in RUN_DIR; plus RUN_DIR/columns,
 a DCP checkpoint of one tensor sharded on its second dimension (tensor-parallel style).
+``zero3``: the same model trained one step with DeepSpeed ZeRO-3 on the CPU, saved with
+``engine.save_checkpoint(RUN_DIR, tag="step1")``.
 """
 
 from __future__ import annotations
@@ -44,10 +46,16 @@ def tiny_llama():
 
 
 def train_step(model, optimizer) -> None:
+    """One step; ``model`` may be a DeepSpeed engine (which is its own optimizer and does its own backward)."""
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, SIZES["vocab_size"], (2, 8), generator=g)
-    model(ids, labels=ids).loss.backward()
-    optimizer.step()
+    ids = torch.randint(0, SIZES["vocab_size"], (2 if model is not optimizer else 1, 8), generator=g)
+    loss = model(ids, labels=ids).loss
+    if model is optimizer:
+        model.backward(loss)
+        model.step()
+    else:
+        loss.backward()
+        optimizer.step()
 
 
 def fsdp2(rank: int, world: int, run: Path, port: int) -> None:
@@ -73,7 +81,35 @@ def fsdp2(rank: int, world: int, run: Path, port: int) -> None:
     dist.destroy_process_group()
 
 
-KINDS = {"fsdp2": fsdp2}
+def zero3(rank: int, world: int, run: Path, port: int) -> None:
+    """DeepSpeed ZeRO-3 on DeepSpeed's CPU accelerator (gloo): bf16 training, two parameter groups (so that
+    partitions cross group boundaries), the embedding frozen (saved as frozen fragments, as a PEFT base is)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(LOCAL_RANK=str(rank), LOCAL_SIZE=str(world), DS_ACCELERATOR="cpu")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    config, model = tiny_llama()
+    model.model.embed_tokens.weight.requires_grad_(False)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in trainable if "layers.0" in n]},
+        {"params": [p for n, p in trainable if "layers.0" not in n], "weight_decay": 0.0},
+    ]
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": 3},
+        "bf16": {"enabled": True},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
+    }
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    train_step(engine, engine)
+    engine.save_checkpoint(run, tag="step1")
+    if rank == 0:
+        config.save_pretrained(run)
+
+
+KINDS = {"fsdp2": fsdp2, "zero3": zero3}
 
 if __name__ == "__main__":
     kind, run, world = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
