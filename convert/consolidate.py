@@ -20,9 +20,10 @@ from convert.push import HubTarget
 from formats.checkpoint import Checkpoint
 from formats.dcp import open_dcp
 from formats.errors import ConvertError
+from formats.litgpt import open_litgpt
 from formats.zero3 import open_zero3
 
-SOURCES: dict[str, Callable[[Path], Checkpoint]] = {"dcp": open_dcp, "deepspeed": open_zero3}
+SOURCES: dict[str, Callable[[Path], Checkpoint]] = {"dcp": open_dcp, "deepspeed": open_zero3, "litgpt": open_litgpt}
 
 
 def open_source(source: str, checkpoint_dir: str | os.PathLike) -> Checkpoint:
