@@ -6,21 +6,35 @@ asked for from the files that hold them). That checkpoint then goes through the 
 path as its base, with no adapter: the same plan, workers, shard writer, crash-safe
 partial directory, ``--resume`` and Hub push as ``convert merge``, and host memory
 at a few row chunks, never the model.
+
+A run of a PEFT model (LoRA, DoRA) holds the base and the adapter under PEFT's live
+names (``formats.peft_names``): the adapter is written as PEFT saves it
+(``adapter_config.json`` from the run + ``adapter_model.safetensors``), alone with
+``adapter_only``, else merged by ``convert merge`` into the run's own base weights or
+into ``base``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from convert.merge import MergeResult, merge
+from safetensors.torch import save_file
+
+from convert.merge import MergeResult, check_paths, merge
+from convert.output_dir import fingerprint, open_stage
 from convert.pipeline import DEFAULT_CHUNK_BYTES
 from convert.push import HubTarget
-from formats.checkpoint import Checkpoint
+from formats.checkpoint import Checkpoint, read_json
 from formats.dcp import open_dcp
 from formats.errors import ConvertError
 from formats.litgpt import open_litgpt
+from formats.peft_names import is_peft, split_peft
+from formats.safetensors_file import read_tensor
 from formats.zero3 import open_zero3
 
 SOURCES: dict[str, Callable[[Path], Checkpoint]] = {"dcp": open_dcp, "deepspeed": open_zero3, "litgpt": open_litgpt}
@@ -51,27 +65,68 @@ def consolidate(
     dtype: str = "auto",
     max_shard_size: int | str = "5GB",
     chunk_size: int | str = DEFAULT_CHUNK_BYTES,
+    adapter_only: bool = False,
+    base: str | os.PathLike | None = None,
     overwrite: bool = False,
     resume: bool = False,
     quiet: bool = True,
     token: str | None = None,
     push_to_hub: HubTarget | None = None,
-) -> MergeResult:
+) -> MergeResult | Path:
     """Write the model of the training checkpoint at ``checkpoint_dir`` to ``out`` as Hugging Face safetensors
-    shards; the CLI's ``convert consolidate --from SOURCE``. Raises ``ConvertError`` for bad input, ``out``
-    then untouched; ``resume`` keeps the shards an interrupted run of the same command finished."""
+    shards; the CLI's ``convert consolidate --from SOURCE``. A PEFT run's adapter is merged into the run's own
+    base weights, or into ``base`` (a model directory or Hub id); ``adapter_only`` writes the adapter itself
+    to ``out`` instead (returns ``out``). Raises ``ConvertError`` for bad input, ``out`` then untouched;
+    ``resume`` keeps the shards an interrupted run of the same command finished."""
     ckpt = open_source(source, checkpoint_dir)
-    return merge(
-        ckpt,
-        None,
-        out,
-        dtype=dtype,
-        device="cpu",  # nothing to compute: reads, casts and writes
-        max_shard_size=max_shard_size,
-        chunk_size=chunk_size,
-        overwrite=overwrite,
-        resume=resume,
-        quiet=quiet,
-        token=token,
-        push_to_hub=push_to_hub,
+    options = dict(dtype=dtype, device="cpu", max_shard_size=max_shard_size, chunk_size=chunk_size)
+    options |= dict(overwrite=overwrite, resume=resume, quiet=quiet, token=token, push_to_hub=push_to_hub)
+    if not is_peft(ckpt.tensors):
+        if adapter_only or base is not None:
+            raise ConvertError(f"{checkpoint_dir}: --adapter-only/--base: this checkpoint holds no LoRA adapter")
+        return merge(ckpt, None, out, **options)
+    base_tensors, lora = split_peft(ckpt.tensors, str(checkpoint_dir))
+    config = adapter_config(ckpt, Path(checkpoint_dir))
+    out = Path(out)
+    if adapter_only:
+        check_paths([ckpt.directory, Path(checkpoint_dir)], out, overwrite)
+        stage = open_stage(out, fingerprint("consolidate-adapter", {}, ckpt.files), resume=resume, overwrite=overwrite)
+        try:
+            write_adapter(stage.dir, config, lora)
+            stage.publish()
+        except BaseException as e:
+            stage.abort(e)
+            raise
+        return out
+    adapter_dir = out.parent / f".{out.name}.adapter"  # stable, so that a resumed merge finds the same input
+    if not (resume and (adapter_dir / "adapter_model.safetensors").is_file()):
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+        adapter_dir.mkdir(parents=True)
+        write_adapter(adapter_dir, config, lora)
+    run_base = dataclasses.replace(ckpt, tensors=base_tensors)
+    try:
+        result = merge(run_base if base is None else base, adapter_dir, out, **options)
+    except ConvertError:  # bad input: nothing to resume (a crash keeps the adapter for --resume)
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+        raise
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    return result
+
+
+def adapter_config(ckpt: Checkpoint, checkpoint_dir: Path) -> dict:
+    """The ``adapter_config.json`` PEFT saved beside the run's checkpoint (Trainer's ``checkpoint-N``)."""
+    for d in (checkpoint_dir, ckpt.directory, checkpoint_dir.parent):
+        if (d / "adapter_config.json").is_file():
+            return read_json(d / "adapter_config.json")
+    raise ConvertError(
+        f"{checkpoint_dir}: holds a PEFT model but no adapter_config.json beside it "
+        "(save it with peft_model.peft_config['default'].save_pretrained(dir))"
     )
+
+
+def write_adapter(directory: Path, config: dict, tensors: dict) -> None:
+    """A PEFT adapter directory. LoRA factors are small (rank x width): they are read whole."""
+    save_file(
+        {n: read_tensor(t) for n, t in tensors.items()}, directory / "adapter_model.safetensors", {"format": "pt"}
+    )
+    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

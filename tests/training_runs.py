@@ -109,7 +109,37 @@ def zero3(rank: int, world: int, run: Path, port: int) -> None:
         config.save_pretrained(run)
 
 
-KINDS = {"fsdp2": fsdp2, "zero3": zero3}
+def zero3_peft(rank: int, world: int, run: Path, port: int) -> None:
+    """A PEFT LoRA model (q_proj, v_proj; lm_head as modules_to_save) trained with DeepSpeed ZeRO-3 in fp32,
+    as transformers' Trainer runs it: the base saved first (RUN_DIR/base), the adapter config beside the run."""
+    import peft
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(LOCAL_RANK=str(rank), LOCAL_SIZE=str(world), DS_ACCELERATOR="cpu")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    config, model = tiny_llama()
+    if rank == 0:
+        model.save_pretrained(run / "base")
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"],
+                           init_lora_weights=False)  # fmt: skip
+    model = peft.get_peft_model(model, lora)
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": 3},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
+    }
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
+    train_step(engine, engine)
+    engine.save_checkpoint(run, tag="step1")
+    if rank == 0:
+        config.save_pretrained(run)
+        model.peft_config["default"].save_pretrained(run)
+
+
+KINDS = {"fsdp2": fsdp2, "zero3": zero3, "zero3_peft": zero3_peft}
 
 if __name__ == "__main__":
     kind, run, world = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
