@@ -29,15 +29,19 @@ from convert.merge import MergeResult, check_paths, merge
 from convert.output_dir import fingerprint, open_stage
 from convert.pipeline import DEFAULT_CHUNK_BYTES
 from convert.push import HubTarget
+from formats import litgpt
 from formats.checkpoint import Checkpoint, read_json
 from formats.dcp import open_dcp
 from formats.errors import ConvertError
-from formats.litgpt import open_litgpt
 from formats.peft_names import is_peft, split_peft
 from formats.safetensors_file import read_tensor
 from formats.zero3 import open_zero3
 
-SOURCES: dict[str, Callable[[Path], Checkpoint]] = {"dcp": open_dcp, "deepspeed": open_zero3, "litgpt": open_litgpt}
+SOURCES: dict[str, Callable[[Path], Checkpoint]] = {
+    "dcp": open_dcp,
+    "deepspeed": open_zero3,
+    "litgpt": litgpt.open_litgpt,
+}
 
 
 def open_source(source: str, checkpoint_dir: str | os.PathLike) -> Checkpoint:
@@ -86,7 +90,11 @@ def consolidate(
             raise ConvertError(f"{checkpoint_dir}: --adapter-only/--base: this checkpoint holds no LoRA adapter")
         return merge(ckpt, None, out, **options)
     base_tensors, lora = split_peft(ckpt.tensors, str(checkpoint_dir))
-    config = adapter_config(ckpt, Path(checkpoint_dir))
+    if source == "litgpt":  # LitGPT saves no PEFT config: its LoRA settings, as PEFT's
+        targets = {n.partition(".lora_")[0].rsplit(".", 1)[-1] for n in lora}
+        config = litgpt.adapter_config(Path(checkpoint_dir), sorted(targets))
+    else:
+        config = adapter_config(ckpt, Path(checkpoint_dir))
     out = Path(out)
     if adapter_only:
         check_paths([ckpt.directory, Path(checkpoint_dir)], out, overwrite)

@@ -10,6 +10,15 @@ mapping table is guessed here, and no weight is loaded to build the plan.
 
 LitGPT keeps the model's Hugging Face ``config.json`` beside ``lit_model.pth``
 (``litgpt.utils.copy_config_files``); it is the output's config.
+
+A LoRA run (``litgpt finetune lora``) leaves ``lit_model.pth.lora`` (the LoRA factors only)
+and ``hyperparameters.yaml`` (its LoRA settings and the base checkpoint directory). It is
+opened as the PEFT model PEFT would make of the same modules: the base under
+``base_model.model.<name>``, the factors as ``<module>.lora_A.default.weight`` (what
+``formats.peft_names`` splits). LitGPT's fused ``qkv`` LoRA holds ``lora_A`` as the enabled
+parts' ``r``-row blocks stacked and ``lora_B`` as their output rows stacked
+(``litgpt.lora.LoRAQKVLinear``): each part's block is that part's own LoRA, the same
+``B @ A * alpha / r`` PEFT computes for ``q_proj``, ``k_proj``, ``v_proj``.
 """
 
 from __future__ import annotations
@@ -27,7 +36,9 @@ from formats.safetensors_file import TensorInfo, itemsize
 from formats.torch_save import Stored, load_meta, stored
 
 WEIGHTS = "lit_model.pth"
+LORA_WEIGHTS = "lit_model.pth.lora"
 CONFIG = "model_config.yaml"
+PEFT_PREFIX = "base_model.model."
 
 
 def copy_function(config: object):
@@ -54,16 +65,18 @@ def copy_function(config: object):
     return partial(lit.copy_weights_gpt_neox, config)
 
 
-def lit_config(directory: Path) -> object:
+def lit_config(directory: Path, lora: bool = False, **overrides: object) -> object:
+    """LitGPT's own ``Config`` of the checkpoint (``litgpt.lora.Config``, with the LoRA settings, for a LoRA run)."""
     try:
         from litgpt import Config
+        from litgpt.lora import Config as LoRAConfig
     except ImportError:
         raise ConvertError("--from litgpt: needs the litgpt package (pip install litgpt)") from None
     path = directory / CONFIG
     if not path.is_file():
         raise ConvertError(f"{path}: missing (not a LitGPT checkpoint directory)")
     try:
-        return Config.from_file(path)
+        return (LoRAConfig if lora else Config).from_file(path, **overrides)
     except Exception as e:  # yaml and dataclass errors
         raise ConvertError(f"{path}: not a LitGPT model config: {e}") from None
 
@@ -106,6 +119,8 @@ def hf_rows(config: object, weights: dict[str, Stored]) -> dict[str, tuple[str, 
 
 def open_litgpt(directory: str | Path) -> Checkpoint:
     directory = Path(directory)
+    if (directory / LORA_WEIGHTS).is_file() and not (directory / WEIGHTS).is_file():
+        return open_lora(directory)
     config = lit_config(directory)
     path = directory / WEIGHTS
     weights = stored_weights(path)
@@ -118,8 +133,10 @@ def open_litgpt(directory: str | Path) -> Checkpoint:
     return Checkpoint(directory, hf_config, tensors, [path, directory / CONFIG])
 
 
-def row_tensor(name: str, source: Stored, rows: list[int]) -> TensorInfo:
-    """The tensor made of ``rows`` of ``source``: the stored tensor itself when they are all of them, in order."""
+def row_tensor(name: str, source: Stored, rows: list[int] | None) -> TensorInfo:
+    """The tensor made of ``rows`` of ``source``: the stored tensor itself when they are all of them, in order
+    (or None)."""
+    rows = list(range(source.shape[0] if source.shape else 1)) if rows is None else rows
     shape = (len(rows), *source.shape[1:]) if source.shape else ()
     if rows == list(range(source.shape[0] if source.shape else 1)):
         return TensorInfo(name, source.dtype, source.shape, source.path, source.offset, source.nbytes)
@@ -136,3 +153,86 @@ def row_tensor(name: str, source: Stored, rows: list[int]) -> TensorInfo:
     return TensorInfo(
         name, source.dtype, shape, source.path, 0, nbytes, reader=Pieces(name, source.dtype, shape, tuple(pieces))
     )
+
+
+def lora_metadata(directory: Path) -> tuple[dict, Path]:
+    """The run's LoRA settings and its base checkpoint directory, as LitGPT's ``merge_lora`` reads them."""
+    from litgpt.scripts.merge_lora import load_lora_metadata
+
+    try:
+        params, base_dir, _ = load_lora_metadata(directory)
+    except (OSError, KeyError) as e:
+        raise ConvertError(f"{directory / 'hyperparameters.yaml'}: not a LitGPT LoRA run's metadata: {e}") from None
+    base_dir = base_dir if base_dir.is_absolute() or base_dir.is_dir() else directory / base_dir
+    return params, base_dir
+
+
+def open_lora(directory: Path) -> Checkpoint:
+    """A LoRA run as the PEFT model of the same modules (see the module docstring)."""
+    params, base_dir = lora_metadata(directory)
+    config = lit_config(directory, lora=True, **params)
+    if not (base_dir / WEIGHTS).is_file():
+        raise ConvertError(f"{directory / 'hyperparameters.yaml'}: its base checkpoint {base_dir / WEIGHTS} is missing")
+    base_weights = stored_weights(base_dir / WEIGHTS)
+    mapping = hf_rows(config, base_weights)
+    base = open_litgpt(base_dir)
+    tensors = {PEFT_PREFIX + n: t for n, t in base.tensors.items()}
+    lora = stored_weights(directory / LORA_WEIGHTS)
+    for key in lora:
+        if not key.endswith(".lora_A"):
+            continue
+        module = key[: -len(".lora_A")]
+        if module + ".lora_B" not in lora:
+            raise ConvertError(f"{directory / LORA_WEIGHTS}: tensor '{key}': has no lora_B")
+        targets = sorted((rows[0], hf) for hf, (lit, rows) in mapping.items() if lit == module + ".weight")
+        if not targets:
+            raise ConvertError(f"{directory / LORA_WEIGHTS}: tensor '{key}': {module}.weight is not in the base model")
+        for hf_name, a_rows, b_rows in _lora_blocks(
+            config, module, targets, lora[key].shape[0] // max(1, config.lora_r)
+        ):
+            head = PEFT_PREFIX + hf_name[: -len(".weight")]
+            tensors[f"{head}.lora_A.default.weight"] = row_tensor(f"{head}.lora_A", lora[key], a_rows)
+            tensors[f"{head}.lora_B.default.weight"] = row_tensor(f"{head}.lora_B", lora[module + ".lora_B"], b_rows)
+    files = [directory / LORA_WEIGHTS, directory / CONFIG, directory / "hyperparameters.yaml", *base.files]
+    return Checkpoint(base.directory, base.config, tensors, files)
+
+
+def _lora_blocks(config: object, module: str, targets: list[tuple[int, str]], parts: int) -> list:
+    """(Hugging Face weight, lora_A rows, lora_B rows) of each LoRA in one LitGPT module's factors."""
+    r = config.lora_r
+    if len(targets) == 1:
+        return [(targets[0][1], None, None)]
+    # A fused qkv: parts q, k, v start at these output rows; only the enabled ones have LoRA rows.
+    q, kv = config.n_head * config.head_size, config.n_query_groups * config.head_size
+    sizes = {0: q, q: kv, q + kv: kv}
+    enabled = [
+        start for start, on in zip(sizes, (config.lora_query, config.lora_key, config.lora_value), strict=True) if on
+    ]
+    if len(enabled) != parts or any(start not in sizes for start, _ in targets):
+        raise ConvertError(f"{module}: LoRA factors do not match the enabled q/k/v parts of the LitGPT config")
+    names = dict(targets)
+    blocks, b0 = [], 0
+    for j, start in enumerate(enabled):
+        blocks.append((names[start], list(range(j * r, (j + 1) * r)), list(range(b0, b0 + sizes[start]))))
+        b0 += sizes[start]
+    return blocks
+
+
+def adapter_config(directory: Path, target_modules: list[str]) -> dict:
+    """The PEFT ``LoraConfig`` of a LitGPT LoRA run (LitGPT's scaling is PEFT's: ``lora_alpha / r``)."""
+    params, base_dir = lora_metadata(directory)
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_dir.name,
+        "r": params.get("lora_r", 8),
+        "lora_alpha": params.get("lora_alpha", 16),
+        "lora_dropout": params.get("lora_dropout", 0.0),
+        "target_modules": sorted(target_modules),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
