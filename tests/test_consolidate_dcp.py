@@ -55,10 +55,15 @@ def test_fsdp2_consolidates_bit_exact_and_loads(fsdp_run: Path, tmp_path: Path) 
     for name, tensor in ref.items():
         assert out[name].dtype == tensor.dtype and torch.equal(out[name], tensor), name
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    oracle = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(fsdp_run)).eval()
-    oracle.load_state_dict(ref)
-    ids = torch.arange(10).view(1, -1)
+    assert_same_logits(tmp_path / "out", fsdp_run, ref)
+
+
+def assert_same_logits(out: Path, config_dir: Path, state: dict[str, torch.Tensor]) -> None:
+    """The output, loaded by transformers, gives the logits of the model holding the oracle's ``state``."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    oracle = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(config_dir)).eval()
+    oracle.load_state_dict(state)
+    ids = torch.arange(12).view(2, -1)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, oracle(ids).logits)
 
@@ -123,3 +128,21 @@ def test_no_config(fsdp_run: Path, tmp_path: Path) -> None:
     (run / "config.json").unlink()
     with pytest.raises(ConvertError, match="no config.json beside the checkpoint"):
         consolidate("dcp", run / "checkpoint", tmp_path / "out")
+
+
+def test_kill_then_resume(fsdp_run: Path, tmp_path: Path) -> None:
+    """Killed after its second shard, nothing is at OUT; a rerun without --resume is refused and ``resume=True``
+    finishes with the bytes of an uninterrupted run (the merge path's journal, reused)."""
+    call = f"from convert.consolidate import consolidate; consolidate('dcp', {str(fsdp_run / 'checkpoint')!r}, "
+    env = {**os.environ, "CONVERT_FAULT": "after-shard:2", "PYTHONPATH": str(ROOT)}
+    out, whole = tmp_path / "out", tmp_path / "whole"
+    proc = subprocess.run([sys.executable, "-c", call + f"{str(out)!r}, max_shard_size='20KB')"], env=env, timeout=120)
+    assert proc.returncode == -9 and not out.exists()
+    with pytest.raises(ConvertError, match="--resume"):
+        consolidate("dcp", fsdp_run / "checkpoint", out, max_shard_size="20KB")
+    consolidate("dcp", fsdp_run / "checkpoint", out, max_shard_size="20KB", resume=True)
+    consolidate("dcp", fsdp_run / "checkpoint", whole, max_shard_size="20KB")
+    names = sorted(p.name for p in whole.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == names
+    for name in names:
+        assert (out / name).read_bytes() == (whole / name).read_bytes(), name

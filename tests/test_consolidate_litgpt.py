@@ -11,6 +11,7 @@ import torch
 
 from convert.consolidate import consolidate
 from formats.errors import ConvertError
+from tests.conftest import SIZES as HF_SIZES
 from tests.conftest import load_output
 
 transformers = pytest.importorskip("transformers")
@@ -45,12 +46,7 @@ def lit_run(tmp_path_factory) -> Path:
     torch.save({"model": model.state_dict()}, run / "lit_model.pth")
     save_config(config, run)
     transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **HF_SIZES,
         max_position_embeddings=64,
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,

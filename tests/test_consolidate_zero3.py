@@ -4,7 +4,6 @@ against DeepSpeed's own ``get_fp32_state_dict_from_zero_checkpoint``."""
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from formats.safetensors_file import read_tensor
 from formats.torch_save import load_meta
 from formats.zero3 import ALLOWED_GLOBALS, open_zero3
 from tests.conftest import load_output
-from tests.test_consolidate_dcp import Boom, spawn_run
+from tests.test_consolidate_dcp import Boom, assert_same_logits, copy_run, spawn_run
 
 transformers = pytest.importorskip("transformers")
 zero_to_fp32 = pytest.importorskip("deepspeed.utils.zero_to_fp32")
@@ -47,12 +46,7 @@ def test_zero3_consolidates_bit_exact_and_loads(zero3_run: Path, reference: dict
         dtype = torch.bfloat16 if name == "model.embed_tokens.weight" else torch.float32
         assert out[name].dtype == dtype and torch.equal(out[name].float(), tensor), name
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    oracle = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(zero3_run)).eval()
-    oracle.load_state_dict(reference)
-    ids = torch.arange(12).view(2, -1)
-    with torch.no_grad():
-        assert torch.equal(model(ids).logits, oracle(ids).logits)
+    assert_same_logits(tmp_path / "out", zero3_run, reference)
 
 
 def test_row_ranges_from_two_groups(zero3_run: Path, reference: dict) -> None:
@@ -73,11 +67,6 @@ def test_bf16_output(zero3_run: Path, reference: dict, tmp_path: Path) -> None:
     out = load_output(tmp_path / "out")
     for name, tensor in reference.items():
         assert torch.equal(out[name], tensor.to(torch.bfloat16)), name
-
-
-def copy_run(run: Path, tmp: Path) -> Path:
-    shutil.copytree(run, tmp / "run")
-    return tmp / "run"
 
 
 def test_missing_rank_file(zero3_run: Path, tmp_path: Path) -> None:
