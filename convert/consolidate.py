@@ -97,6 +97,8 @@ def consolidate(
         config = adapter_config(ckpt, Path(checkpoint_dir))
     out = Path(out)
     if adapter_only:
+        if push_to_hub is not None:
+            raise ConvertError("--push-to-hub: not supported with --adapter-only (push the adapter directory instead)")
         check_paths([ckpt.directory, Path(checkpoint_dir)], out, overwrite)
         stage = open_stage(out, fingerprint("consolidate-adapter", {}, ckpt.files), resume=resume, overwrite=overwrite)
         try:
