@@ -146,3 +146,25 @@ def test_kill_then_resume(fsdp_run: Path, tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == names
     for name in names:
         assert (out / name).read_bytes() == (whole / name).read_bytes(), name
+
+
+def test_fsdp2_peft_run_merges_like_peft(fsdp_run: Path, tmp_path: Path) -> None:
+    """An FSDP2 run of a PEFT model: the adapter PEFT loads, and the merge into the run's base weights equals
+    PEFT's ``merge_and_unload`` of the model ``dcp_to_torch_save`` rebuilds."""
+    peft = pytest.importorskip("peft")
+    run = fsdp_run / "peft"
+    model = transformers.AutoModelForCausalLM.from_pretrained(run / "base")
+    model = peft.get_peft_model(model, peft.LoraConfig.from_pretrained(run)).eval()
+    model.load_state_dict(reference(run / "checkpoint", tmp_path))
+    consolidate("dcp", run / "checkpoint", tmp_path / "adapter", adapter_only=True)
+    loaded = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(run / "base"), tmp_path / "adapter"
+    ).eval()
+    ids = torch.arange(12).view(2, -1)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    consolidate("dcp", run / "checkpoint", tmp_path / "out")
+    out, expected = load_output(tmp_path / "out"), model.merge_and_unload().state_dict()
+    assert sorted(out) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(out[name], tensor), name

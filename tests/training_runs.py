@@ -5,7 +5,8 @@
 ``fsdp2``: a tiny Llama sharded with FSDP2 (``fully_shard``) over WORLD_SIZE gloo ranks, one
 AdamW step, then ``dcp.save({"model": ..., "optim": ...})`` to RUN_DIR/checkpoint (the
 accelerate/torchtitan layout) with the model's config.json in RUN_DIR; plus RUN_DIR/columns,
-a DCP checkpoint of one tensor sharded on its second dimension (tensor-parallel style).
+a DCP checkpoint of one tensor sharded on its second dimension (tensor-parallel style); plus
+RUN_DIR/peft, the same with a PEFT LoRA model.
 ``zero3``: the same model trained one step with DeepSpeed ZeRO-3 on the CPU, saved with
 ``engine.save_checkpoint(RUN_DIR, tag="step1")``.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 
 from tests.conftest import SIZES
@@ -52,7 +54,6 @@ def train_step(model, optimizer) -> None:
 
 
 def fsdp2(rank: int, world: int, run: Path, port: int) -> None:
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -71,7 +72,30 @@ def fsdp2(rank: int, world: int, run: Path, port: int) -> None:
     dcp.save({"w": distribute_tensor(columns, mesh, [Shard(1)])}, checkpoint_id=run / "columns")
     if rank == 0:
         config.save_pretrained(run)
+    fsdp2_peft(run / "peft")
     dist.destroy_process_group()
+
+
+def fsdp2_peft(run: Path) -> None:
+    """A PEFT LoRA model (all linear layers) under FSDP2, saved as accelerate saves it: RUN_DIR/checkpoint,
+    with the base (RUN_DIR/base), config.json and adapter_config.json beside it."""
+    import peft
+    from torch.distributed.fsdp import fully_shard
+
+    config, model = tiny_llama()
+    if dist.get_rank() == 0:
+        model.save_pretrained(run / "base")
+    lora = peft.LoraConfig(r=4, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
+    model = peft.get_peft_model(model, lora)
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    train_step(model, optimizer)
+    dcp.save({"model": model.state_dict()}, checkpoint_id=run / "checkpoint")
+    if dist.get_rank() == 0:
+        config.save_pretrained(run)
+        model.peft_config["default"].save_pretrained(run)
 
 
 def zero3(rank: int, world: int, run: Path, port: int) -> None:
