@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,21 +15,9 @@ from convert.consolidate import consolidate
 from formats.dcp import open_dcp
 from formats.errors import ConvertError
 from formats.safetensors_file import read_tensor
-from tests.conftest import ROOT, load_output
+from tests.training_runs import ROOT, Boom, assert_same_logits, copy_run, load_output, spawn_run
 
 transformers = pytest.importorskip("transformers")
-
-
-def spawn_run(kind: str, run: Path, world: int) -> Path:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run(
-        [sys.executable, "-m", "tests.training_runs", kind, str(run), str(world)],
-        check=True,
-        env=env,
-        cwd=ROOT,
-        timeout=300,
-    )
-    return run
 
 
 @pytest.fixture(scope="module")
@@ -58,16 +45,6 @@ def test_fsdp2_consolidates_bit_exact_and_loads(fsdp_run: Path, tmp_path: Path) 
     assert_same_logits(tmp_path / "out", fsdp_run, ref)
 
 
-def assert_same_logits(out: Path, config_dir: Path, state: dict[str, torch.Tensor]) -> None:
-    """The output, loaded by transformers, gives the logits of the model holding the oracle's ``state``."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    oracle = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(config_dir)).eval()
-    oracle.load_state_dict(state)
-    ids = torch.arange(12).view(2, -1)
-    with torch.no_grad():
-        assert torch.equal(model(ids).logits, oracle(ids).logits)
-
-
 def test_fsdp2_bf16_output(fsdp_run: Path, tmp_path: Path) -> None:
     ref = reference(fsdp_run / "checkpoint", tmp_path)
     consolidate("dcp", fsdp_run / "checkpoint", tmp_path / "out", dtype="bf16")
@@ -88,11 +65,6 @@ def test_column_sharded_tensor_rows(fsdp_run: Path, tmp_path: Path) -> None:
         assert torch.equal(read_tensor(info, start, stop, buffer), ref[start:stop])
 
 
-def copy_run(run: Path, tmp: Path) -> Path:
-    shutil.copytree(run, tmp / "run")
-    return tmp / "run"
-
-
 def test_missing_rank_file(fsdp_run: Path, tmp_path: Path) -> None:
     run = copy_run(fsdp_run, tmp_path)
     (run / "checkpoint" / "__1_0.distcp").unlink()
@@ -108,11 +80,6 @@ def test_truncated_storage_file(fsdp_run: Path, tmp_path: Path) -> None:
     with pytest.raises(ConvertError, match=r"__0_0\.distcp: tensor '[\w.]+': .*truncated file"):
         consolidate("dcp", run / "checkpoint", tmp_path / "out")
     assert not (tmp_path / "out").exists()
-
-
-class Boom:
-    def __reduce__(self):
-        return (os.system, ("touch pwned",))
 
 
 def test_metadata_pickle_cannot_run_code(fsdp_run: Path, tmp_path: Path) -> None:

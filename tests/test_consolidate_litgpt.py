@@ -11,8 +11,8 @@ import torch
 
 from convert.consolidate import consolidate
 from formats.errors import ConvertError
-from tests.conftest import SIZES as HF_SIZES
-from tests.conftest import load_output
+from tests.training_runs import SIZES as HF_SIZES
+from tests.training_runs import load_output
 
 transformers = pytest.importorskip("transformers")
 litgpt = pytest.importorskip(

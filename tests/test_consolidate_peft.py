@@ -12,8 +12,7 @@ from safetensors.torch import load_file
 
 from convert.consolidate import consolidate
 from formats.errors import ConvertError
-from tests.conftest import load_output
-from tests.test_consolidate_dcp import spawn_run
+from tests.training_runs import load_output, spawn_run
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

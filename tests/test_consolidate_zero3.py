@@ -14,8 +14,7 @@ from formats.errors import ConvertError
 from formats.safetensors_file import read_tensor
 from formats.torch_save import load_meta
 from formats.zero3 import ALLOWED_GLOBALS, open_zero3
-from tests.conftest import load_output
-from tests.test_consolidate_dcp import Boom, assert_same_logits, copy_run, spawn_run
+from tests.training_runs import Boom, assert_same_logits, copy_run, load_output, spawn_run
 
 transformers = pytest.importorskip("transformers")
 zero_to_fp32 = pytest.importorskip("deepspeed.utils.zero_to_fp32")

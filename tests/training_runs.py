@@ -8,13 +8,18 @@ accelerate/torchtitan layout) with the model's config.json in RUN_DIR; plus RUN_
 a DCP checkpoint of one tensor sharded on its second dimension (tensor-parallel style); plus
 RUN_DIR/peft, the same with a PEFT LoRA model.
 ``zero3``: the same model trained one step with DeepSpeed ZeRO-3 on the CPU, saved with
-``engine.save_checkpoint(RUN_DIR, tag="step1")``.
+``engine.save_checkpoint(RUN_DIR, tag="step1")``; ``zero3_peft``: a PEFT LoRA model, likewise.
+
+Also the consolidate tests' shared helpers (``spawn_run`` and the rest below), so that no test
+module imports another; the project's own helpers are re-exported from one import.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,7 +28,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 
-from tests.conftest import SIZES
+from tests.conftest import ROOT, SIZES, load_output  # noqa: F401  (the tests' shared helpers, re-exported)
 
 
 def free_port() -> int:
@@ -154,6 +159,44 @@ def zero3_peft(rank: int, world: int, run: Path, port: int) -> None:
     if rank == 0:
         config.save_pretrained(run)
         model.peft_config["default"].save_pretrained(run)
+
+
+def spawn_run(kind: str, run: Path, world: int) -> Path:
+    """Write a run of ``kind`` with ``world`` processes (``python -m tests.training_runs``)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run(
+        [sys.executable, "-m", "tests.training_runs", kind, str(run), str(world)],
+        check=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
+    return run
+
+
+def assert_same_logits(out: Path, config_dir: Path, state: dict[str, torch.Tensor]) -> None:
+    """The output, loaded by transformers, gives the logits of the model holding the oracle's ``state``."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    oracle = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(config_dir)).eval()
+    oracle.load_state_dict(state)
+    ids = torch.arange(12).view(2, -1)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, oracle(ids).logits)
+
+
+def copy_run(run: Path, tmp: Path) -> Path:
+    """A copy of a run to damage (the fixtures' runs are shared by a module's tests)."""
+    shutil.copytree(run, tmp / "run")
+    return tmp / "run"
+
+
+class Boom:
+    """Pickles to a call of ``os.system``: a checkpoint that would run code if unpickled unsafely."""
+
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
 
 
 KINDS = {"fsdp2": fsdp2, "zero3": zero3, "zero3_peft": zero3_peft}
