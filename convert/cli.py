@@ -18,6 +18,7 @@ from convert.options import (
     DEFAULT_CHUNK_BYTES,
     MERGE_INTO,
     SVD_METHODS,
+    TRAINING_SOURCES,
     LoftQOptions,
     MergeOptions,
     OutputOptions,
@@ -145,16 +146,50 @@ def quantize_command(base, out, quantize, **options) -> None:
     report(merge(base, None, out, quantize=quantize or "nf4", **options), options["quiet"])
 
 
+@main.command("consolidate")
+@click.argument("checkpoint_dir", metavar="CHECKPOINT_DIR")
+@click.option(
+    "--from",
+    "source",
+    required=True,
+    type=click.Choice(TRAINING_SOURCES),
+    help="What wrote the checkpoint: DeepSpeed ZeRO-3, torch.distributed.checkpoint (FSDP), or LitGPT.",
+)
+@defaulted(
+    "--dtype",
+    MergeOptions,
+    "Dtype of floating-point output tensors; auto keeps the checkpoint's.",
+    type=click.Choice(list(OUTPUT_DTYPES)),
+)
+@click.option("--adapter-only", is_flag=True, help="A LoRA run: write only its PEFT adapter to OUT.")
+@click.option("--base", metavar="DIR", help="A LoRA run: merge its adapter into this base instead of the run's own.")
+@merge_options
+def consolidate_command(checkpoint_dir, source, adapter_only, base, out, quantize, **options) -> None:
+    """Turn a training checkpoint (rank files) into a Hugging Face checkpoint, one tensor at a time."""
+    from convert.commands.consolidate import consolidate
+
+    result = consolidate(
+        source, checkpoint_dir, out, adapter_only=adapter_only, base=base, quantize=quantize, **options
+    )
+    if not options["quiet"]:
+        click.echo(result.summary() if hasattr(result, "summary") else f"wrote the adapter to {result}")
+
+
 @main.command("inspect")
 @click.argument("path", metavar="PATH")
+@click.option("--base", metavar="DIR", help="With an adapter: list the base's checkpoint tensors each module lands on.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, for scripts.")
 @click.option("--revision", metavar="REV", help="With a Hub repo id: branch, tag or commit.")
 @click.option("--token", metavar="TOKEN", envvar="HF_TOKEN", help="Hub token; default: HF_TOKEN or the saved login.")
-def inspect_command(path, as_json, revision, token) -> None:
+def inspect_command(path, base, as_json, revision, token) -> None:
     """Describe a model or adapter (directory or Hub repo id): format, dtypes, parameters, quantization,
-    shards, LoRA settings."""
-    from convert.commands.inspect import describe, render
+    shards, LoRA settings; with --base, where an adapter's modules land in the base's checkpoint."""
+    from convert.commands.inspect import adapter_placement, describe, render, render_placement
 
+    if base is not None:
+        placement = adapter_placement(path, base)
+        click.echo(json.dumps(placement, indent=2) if as_json else render_placement(placement))
+        return
     info = describe(path, revision, token)
     click.echo(json.dumps(info, indent=2) if as_json else render(info))
 

@@ -19,6 +19,7 @@ MERGE_INTO = ("original", "dequantized")  # add a QLoRA delta to the 16-bit weig
 FORMAT_METHODS = ("fp8", "same")  # --quantize beyond bitsandbytes': block-scaled FP8, or the base's own format
 QUANTIZE_CHOICES = (*METHODS, *FORMAT_METHODS)
 SVD_METHODS = ("randomized", "exact")  # LoftQ's truncated SVD: randomized (fast) or a full SVD as PEFT
+TRAINING_SOURCES = ("deepspeed", "dcp", "litgpt")  # what ``convert consolidate --from`` reads
 
 
 @dataclass(frozen=True)

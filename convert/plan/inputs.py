@@ -72,7 +72,7 @@ class Inputs:
 
 
 def open_inputs(
-    base: str | os.PathLike,
+    base: str | os.PathLike | Checkpoint,
     adapter: str | os.PathLike | None,
     out: Path | None,
     *,
@@ -81,8 +81,12 @@ def open_inputs(
     token: str | None = None,
     keep_downloads: bool = True,
 ) -> Inputs:
-    """Open ``base`` (and ``adapter``) for a command writing ``out`` (None: a command that writes nothing)."""
-    base_repo = parse_repo_id(base)
+    """Open ``base`` (and ``adapter``) for a command writing ``out`` (None: a command that writes nothing).
+
+    ``base`` may be a ``Checkpoint`` already opened by another source (a training run's rank files,
+    ``convert.commands.consolidate``): it is used as it is, its directory standing for the base's."""
+    opened, base = (base, base.directory) if isinstance(base, Checkpoint) else (None, base)
+    base_repo = parse_repo_id(base) if opened is None else None
     adapter_repo = parse_repo_id(adapter) if adapter is not None else None
     if out is not None:
         local = [Path(p) for p, repo in ((base, base_repo), (adapter, adapter_repo)) if p is not None and not repo]
@@ -93,7 +97,7 @@ def open_inputs(
         adapter_dir = Path(adapter) if adapter is not None and not adapter_repo else None
         if adapter_repo:
             adapter_dir = fetch_adapter(str(adapter), revision, token)
-        ckpt = hub.checkpoint if hub else open_checkpoint(base_dir)
+        ckpt = opened or (hub.checkpoint if hub else open_checkpoint(base_dir))
         if not ckpt.config:
             raise ConvertError(f"{base_dir / 'config.json'}: missing (not a Hugging Face model directory)")
         check_layouts(ckpt.tensors)
