@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -102,6 +103,12 @@ def assert_equal_or_1ulp(ours: torch.Tensor, ref: torch.Tensor, name: str) -> No
         assert torch.equal(ours, ref), f"{name}: max abs diff {(ours.float() - ref.float()).abs().max()}"
     else:
         assert ulp_distance(ours, ref) <= 1, f"{name}: {ulp_distance(ours, ref)} ulp apart"
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a child Python that imports this checkout first (and keeps the caller's path after it)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, **extra, "PYTHONPATH": path}
 
 
 def read_config(path: Path) -> dict:

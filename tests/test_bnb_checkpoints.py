@@ -117,8 +117,15 @@ def test_merge_from_quantized_base_equals_peft_on_dequantized_model(kind, dtype,
     expected = reference.state_dict()
     ours = load_output(out)
     assert ours.keys() == expected.keys()
+    quantized = {n for n, t in open_checkpoint(models[kind]).tensors.items() if t.layout is not None}
     for name, tensor in ours.items():
-        assert_equal_or_1ulp(tensor, expected[name], name)
+        if kind.endswith("fp16") and tensor.dtype == torch.float32 and name in quantized:
+            # bitsandbytes' CPU kernels dequantize to fp16 one rounding apart from one CPU to another (seen on the
+            # GPU machine's): equal on this one, within one fp16 step (2**-10 relative) where the ISA differs
+            bound = 2.0**-10 * torch.maximum(tensor.abs(), expected[name].abs())
+            assert ((tensor - expected[name]).abs() <= bound).all(), name
+        else:
+            assert_equal_or_1ulp(tensor, expected[name], name)
     assert "quantization_config" not in read_config(out)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
     expected_logits = logits(reference)  # bf16 weights within 1 ulp: logits close, not equal

@@ -15,7 +15,7 @@ from convert.commands.consolidate import consolidate
 from formats.dcp import open_dcp
 from formats.errors import ConvertError
 from formats.safetensors_file import read_tensor
-from tests.helpers import ROOT, load_output
+from tests.helpers import ROOT, load_output, subprocess_env
 from tests.training_runs import Boom, assert_same_logits, copy_run, spawn_run
 
 transformers = pytest.importorskip("transformers")
@@ -103,7 +103,7 @@ def test_kill_then_resume(fsdp_run: Path, tmp_path: Path) -> None:
     finishes with the bytes of an uninterrupted run (the merge path's journal, reused)."""
     call = "from convert.commands.consolidate import consolidate; "
     call += f"consolidate('dcp', {str(fsdp_run / 'checkpoint')!r}, "
-    env = {**os.environ, "CONVERT_FAULT": "after-shard:2", "PYTHONPATH": str(ROOT)}
+    env = subprocess_env(CONVERT_FAULT="after-shard:2")
     out, whole = tmp_path / "out", tmp_path / "whole"
     proc = subprocess.run([sys.executable, "-c", call + f"{str(out)!r}, max_shard_size='20KB')"], env=env, timeout=120)
     assert proc.returncode == -9 and not out.exists()

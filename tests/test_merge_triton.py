@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import squeezing_interpreter_index, ulp_distance
+from tests.helpers import squeezing_interpreter_index, subprocess_env, ulp_distance
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,7 +113,7 @@ def run_checks(device: str) -> int:
 
 
 def test_kernels_in_triton_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    env = subprocess_env(TRITON_INTERPRET="1")
     code = "from tests.test_merge_triton import run_checks; print('checked', run_checks('cpu'))"
     done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 
-from tests.helpers import ROOT, SIZES
+from tests.helpers import ROOT, SIZES, subprocess_env
 
 
 def free_port() -> int:
@@ -163,7 +163,7 @@ def zero3_peft(rank: int, world: int, run: Path, port: int) -> None:
 
 def spawn_run(kind: str, run: Path, world: int) -> Path:
     """Write a run of ``kind`` with ``world`` processes (``python -m tests.training_runs``)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = subprocess_env()
     subprocess.run(
         [sys.executable, "-m", "tests.training_runs", kind, str(run), str(world)],
         check=True,
