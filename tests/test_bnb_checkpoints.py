@@ -118,11 +118,14 @@ def test_merge_from_quantized_base_equals_peft_on_dequantized_model(kind, dtype,
     ours = load_output(out)
     assert ours.keys() == expected.keys()
     quantized = {n for n, t in open_checkpoint(models[kind]).tensors.items() if t.layout is not None}
+    dequantized = load_quantized(models[kind], dtype=torch.float32).dequantize().state_dict() if quantized else {}
     for name, tensor in ours.items():
         if kind.endswith("fp16") and tensor.dtype == torch.float32 and name in quantized:
             # bitsandbytes' CPU kernels dequantize to fp16 one rounding apart from one CPU to another (seen on the
-            # GPU machine's): equal on this one, within one fp16 step (2**-10 relative) where the ISA differs
-            bound = 2.0**-10 * torch.maximum(tensor.abs(), expected[name].abs())
+            # GPU machine's): equal on this one; elsewhere within one fp16 step of the dequantized weight, plus the
+            # fp32 rounding of the sum
+            w = dequantized[name].abs()
+            bound = 2.0**-10 * w + 2.0**-23 * expected[name].abs() + 2.0**-24
             assert ((tensor - expected[name]).abs() <= bound).all(), name
         else:
             assert_equal_or_1ulp(tensor, expected[name], name)

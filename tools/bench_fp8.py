@@ -126,7 +126,7 @@ def build(base: Path, shape: str) -> None:
             fp8.serialized_tensors(name, s, "BF16", SPEC) if quantized(name, s) else [PlannedTensor(name, "BF16", s)]
         )
     ]
-    writer = ShardWriter(base, planned, 5 * 10**9)
+    writer = ShardWriter(base, planned, 5 * 10**9 if shape == "8b" else 10**9)  # sharded, with an index, as shipped
     gen = torch.Generator("cuda").manual_seed(0)
     for name, s in tensors.items():
         t = torch.randn(s, generator=gen, device="cuda").mul_(1.0 if "norm" in name else 0.02).to(torch.bfloat16)
