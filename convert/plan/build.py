@@ -7,7 +7,7 @@ written, so that every mismatch between adapter and base is reported up front.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from convert.plan import architecture
 from convert.plan.lora import BiasDelta, Delta, check_config, low_rank_delta, narrow, parameter_delta, scaling_for
@@ -86,122 +86,145 @@ def tied_embedding(ckpt: Checkpoint) -> str | None:
 def build_plan(ckpt: Checkpoint, adapter: Adapter | None, dtype: str = "auto") -> Plan:
     if dtype not in OUTPUT_DTYPES:
         raise ConvertError(f"--dtype {dtype!r}: expected one of {', '.join(OUTPUT_DTYPES)}")
-    sources: dict[str, TensorInfo] = dict(ckpt.tensors)
-    deltas: dict[str, Delta] = {}
-    config_updates: dict = {}
-    tied = tied_embedding(ckpt)
-
-    known: list = []  # the base's architecture (``convert.plan.architecture``), or the ConvertError why there is none
-
-    def arch() -> architecture.Architecture | ConvertError:
-        if not known:
-            try:
-                known.append(architecture.for_checkpoint(ckpt))
-            except ConvertError as e:
-                known.append(e)
-        return known[0]
-
-    def pieces(name: str, what: str) -> list[architecture.Piece]:
-        """The checkpoint tensors that the in-memory parameter ``name`` (the adapter's naming) is stored as:
-        the tensor of that name, else what transformers' conversion mapping loads it from."""
-        if name not in ckpt.tensors and isinstance(arch(), architecture.Architecture):
-            param = arch().in_memory(name)
-            found = arch().checkpoint_pieces(param) if param is not None else []
-            if found:
-                return found
-        return [architecture.Piece(base_name(name, what), name)]
-
-    def single(name: str, what: str) -> str:
-        found = pieces(name, what)
-        if len(found) != 1 or found[0].index:
-            raise ConvertError(
-                f"{adapter.weights_file}: tensor '{what}': '{name}' is stored as {len(found)} part(s) of checkpoint "
-                f"tensors ({', '.join(p.key for p in found)}): a saved copy of it is not supported"
-            )
-        return found[0].key
-
-    def base_name(name: str, what: str) -> str:
-        found = resolve(name, ckpt.tensors)
-        if found is None and name.split(".")[-2:] == LM_HEAD.split(".") and tied:
-            found = LM_HEAD  # lm_head of a tied model: a new tensor, starting from the embedding
-            sources.setdefault(LM_HEAD, sources[tied])
-        if found is None:
-            why = f"; {arch()}" if isinstance(arch(), ConvertError) else ""
-            raise ConvertError(
-                f"{adapter.weights_file}: tensor '{what}': '{name}' does not exist in the base model "
-                f"({ckpt.directory}){why}"
-            )
-        return found
-
-    def add_delta(key: str, delta: Delta, what: str) -> None:
-        if key in deltas:
-            raise ConvertError(f"{adapter.weights_file}: tensor '{what}': base tensor '{key}' is adapted twice")
-        deltas[key] = delta
-
-    def replace(target: str, info: TensorInfo) -> None:
-        _check_replacement(ckpt, adapter, target, sources[target], info, config_updates)
-        sources[target] = info
-
+    building = Building(ckpt, adapter, dict(ckpt.tensors))
     if adapter is not None:
-        check_config(adapter)
-        wrappers = param_wrappers(adapter, arch)
-        for name, info in adapter.base_layers.items():
-            replace(single(name, name), info)
-        tied_source = sources[tied] if tied else None  # what a tied lm_head reads in the PEFT model
-        for name, info in adapter.replacements.items():
-            replace(single(name, name), info)
-        for module, lora in adapter.lora.items():
-            if module in wrappers:  # LoRA on an nn.Parameter: the pieces of that parameter
-                a, param = arch(), wrappers[module]
-                shape = a.parameters[param]
-                swapped = param.rpartition(".")[0] not in a.transposed
-                pieces_of = a.checkpoint_pieces(param)
-                stored = sources[pieces_of[0].key].dtype if pieces_of else "F32"
-                whole = parameter_delta(adapter, module, param, shape, swapped, stored)
-                for piece in a.checkpoint_pieces(param):
-                    add_delta(piece.key, narrow_piece(whole, piece, shape, sources[piece.key], adapter), module)
-                continue
-            found = pieces(f"{module}.weight", module)
-            if len(found) == 1 and not found[0].index:
-                add_delta(found[0].key, low_rank_delta(adapter, module, sources[found[0].key]), module)
-            else:  # an in-memory Linear joined from several checkpoint tensors: each gets its part
-                shape = arch().parameters[found[0].param]
-                whole = low_rank_delta(adapter, module, sources[found[0].key], shape)
-                for piece in found:
-                    add_delta(piece.key, narrow_piece(whole, piece, shape, sources[piece.key], adapter), module)
-            if "bias" in lora.parts:
-                bias = resolve(f"{module}.bias", ckpt.tensors)
-                if bias is None and isinstance(arch(), architecture.Architecture):
-                    param = arch().in_memory(f"{module}.bias")
-                    parts = arch().checkpoint_pieces(param) if param else []
-                    bias = parts[0].key if len(parts) == 1 and not parts[0].index else None
-                if bias is None:
-                    raise ConvertError(
-                        f"{adapter.weights_file}: tensor '{module}': lora_bias is set but the base layer has no bias"
-                    )
-                if lora.parts["bias"].shape != sources[bias].shape:
-                    raise ConvertError(
-                        f"{adapter.weights_file}: tensor '{lora.parts['bias'].name}': shape mismatch: "
-                        f"{list(lora.parts['bias'].shape)}, base bias '{bias}' is {list(sources[bias].shape)}"
-                    )
-                deltas[bias] = BiasDelta(lora.parts["bias"], scaling_for(adapter.config, module)[1])
-        if tied and (tied in deltas or LM_HEAD in sources or sources[tied] is not tied_source):
-            # The adapter changes one side of a tied pair: the PEFT model no longer has equal input and
-            # output embeddings, so the merged model must store both and stop tying them.
-            sources.setdefault(LM_HEAD, tied_source)
-            config_updates["tie_word_embeddings"] = False
-        _check_dtypes(adapter, {name: sources[name] for name in deltas})
-
+        building.add_adapter()
     float_dtypes = Counter(t.dtype for t in ckpt.tensors.values() if t.dtype in FLOAT_DTYPES)
     main_dtype = OUTPUT_DTYPES[dtype] or (float_dtypes.most_common(1)[0][0] if float_dtypes else "F32")
     tensors = []
-    for name, source in sources.items():
+    for name, source in building.sources.items():
         original = ckpt.tensors.get(name, source)
         out_dtype = original.dtype
         if original.dtype in FLOAT_DTYPES and OUTPUT_DTYPES[dtype]:
             out_dtype = OUTPUT_DTYPES[dtype]
-        tensors.append(OutputTensor(name, out_dtype, source, deltas.get(name)))
-    return Plan(tensors, main_dtype, config_updates, ckpt)
+        tensors.append(OutputTensor(name, out_dtype, source, building.deltas.get(name)))
+    return Plan(tensors, main_dtype, building.config_updates, ckpt)
+
+
+@dataclass
+class Building:
+    """A plan being made: where each output tensor's bytes come from (``sources``) and what is added to it."""
+
+    ckpt: Checkpoint
+    adapter: Adapter | None
+    sources: dict[str, TensorInfo]
+    deltas: dict[str, Delta] = field(default_factory=dict)
+    config_updates: dict = field(default_factory=dict)
+    _arch: list = field(default_factory=list)  # the base's architecture, or the ConvertError why there is none
+    tied: str | None = field(init=False)  # the input embedding a missing lm_head is tied to
+
+    def __post_init__(self) -> None:
+        self.tied = tied_embedding(self.ckpt)
+
+    def arch(self) -> architecture.Architecture | ConvertError:
+        if not self._arch:
+            try:
+                self._arch.append(architecture.for_checkpoint(self.ckpt))
+            except ConvertError as e:
+                self._arch.append(e)
+        return self._arch[0]
+
+    def add_adapter(self) -> None:
+        adapter, tied = self.adapter, self.tied
+        check_config(adapter)
+        wrappers = param_wrappers(adapter, self.arch)
+        for name, info in adapter.base_layers.items():
+            self.replace(self.single(name, name), info)
+        tied_source = self.sources[tied] if tied else None  # what a tied lm_head reads in the PEFT model
+        for name, info in adapter.replacements.items():
+            self.replace(self.single(name, name), info)
+        for module, lora in adapter.lora.items():
+            if module in wrappers:  # LoRA on an nn.Parameter: the pieces of that parameter
+                self.add_parameter_delta(module, wrappers[module])
+                continue
+            self.add_module_delta(module)
+            if "bias" in lora.parts:
+                self.add_bias_delta(module, lora.parts["bias"])
+        if tied and (tied in self.deltas or LM_HEAD in self.sources or self.sources[tied] is not tied_source):
+            # The adapter changes one side of a tied pair: the PEFT model no longer has equal input and
+            # output embeddings, so the merged model must store both and stop tying them.
+            self.sources.setdefault(LM_HEAD, tied_source)
+            self.config_updates["tie_word_embeddings"] = False
+        _check_dtypes(adapter, {name: self.sources[name] for name in self.deltas})
+
+    def add_parameter_delta(self, module: str, param: str) -> None:
+        a = self.arch()
+        shape = a.parameters[param]
+        swapped = param.rpartition(".")[0] not in a.transposed
+        pieces_of = a.checkpoint_pieces(param)
+        stored = self.sources[pieces_of[0].key].dtype if pieces_of else "F32"
+        whole = parameter_delta(self.adapter, module, param, shape, swapped, stored)
+        for piece in pieces_of:
+            self.add_delta(piece.key, narrow_piece(whole, piece, shape, self.sources[piece.key], self.adapter), module)
+
+    def add_module_delta(self, module: str) -> None:
+        found = self.pieces(f"{module}.weight", module)
+        if len(found) == 1 and not found[0].index:
+            self.add_delta(found[0].key, low_rank_delta(self.adapter, module, self.sources[found[0].key]), module)
+            return
+        # an in-memory Linear joined from several checkpoint tensors: each gets its part
+        shape = self.arch().parameters[found[0].param]
+        whole = low_rank_delta(self.adapter, module, self.sources[found[0].key], shape)
+        for piece in found:
+            self.add_delta(piece.key, narrow_piece(whole, piece, shape, self.sources[piece.key], self.adapter), module)
+
+    def add_bias_delta(self, module: str, lora_bias: TensorInfo) -> None:
+        bias = resolve(f"{module}.bias", self.ckpt.tensors)
+        if bias is None and isinstance(self.arch(), architecture.Architecture):
+            param = self.arch().in_memory(f"{module}.bias")
+            parts = self.arch().checkpoint_pieces(param) if param else []
+            bias = parts[0].key if len(parts) == 1 and not parts[0].index else None
+        where = self.adapter.weights_file
+        if bias is None:
+            raise ConvertError(f"{where}: tensor '{module}': lora_bias is set but the base layer has no bias")
+        if lora_bias.shape != self.sources[bias].shape:
+            raise ConvertError(
+                f"{where}: tensor '{lora_bias.name}': shape mismatch: "
+                f"{list(lora_bias.shape)}, base bias '{bias}' is {list(self.sources[bias].shape)}"
+            )
+        self.deltas[bias] = BiasDelta(lora_bias, scaling_for(self.adapter.config, module)[1])
+
+    def pieces(self, name: str, what: str) -> list[architecture.Piece]:
+        """The checkpoint tensors that the in-memory parameter ``name`` (the adapter's naming) is stored as:
+        the tensor of that name, else what transformers' conversion mapping loads it from."""
+        if name not in self.ckpt.tensors and isinstance(self.arch(), architecture.Architecture):
+            param = self.arch().in_memory(name)
+            found = self.arch().checkpoint_pieces(param) if param is not None else []
+            if found:
+                return found
+        return [architecture.Piece(self.base_name(name, what), name)]
+
+    def single(self, name: str, what: str) -> str:
+        found = self.pieces(name, what)
+        if len(found) != 1 or found[0].index:
+            raise ConvertError(
+                f"{self.adapter.weights_file}: tensor '{what}': '{name}' is stored as {len(found)} part(s) of "
+                f"checkpoint tensors ({', '.join(p.key for p in found)}): a saved copy of it is not supported"
+            )
+        return found[0].key
+
+    def base_name(self, name: str, what: str) -> str:
+        found = resolve(name, self.ckpt.tensors)
+        tied = self.tied
+        if found is None and name.split(".")[-2:] == LM_HEAD.split(".") and tied:
+            found = LM_HEAD  # lm_head of a tied model: a new tensor, starting from the embedding
+            self.sources.setdefault(LM_HEAD, self.sources[tied])
+        if found is None:
+            why = f"; {self.arch()}" if isinstance(self.arch(), ConvertError) else ""
+            raise ConvertError(
+                f"{self.adapter.weights_file}: tensor '{what}': '{name}' does not exist in the base model "
+                f"({self.ckpt.directory}){why}"
+            )
+        return found
+
+    def add_delta(self, key: str, delta: Delta, what: str) -> None:
+        if key in self.deltas:
+            raise ConvertError(f"{self.adapter.weights_file}: tensor '{what}': base tensor '{key}' is adapted twice")
+        self.deltas[key] = delta
+
+    def replace(self, target: str, info: TensorInfo) -> None:
+        _check_replacement(self.ckpt, self.adapter, target, self.sources[target], info, self.config_updates)
+        self.sources[target] = info
 
 
 def param_wrappers(adapter: Adapter, arch) -> dict[str, str]:
