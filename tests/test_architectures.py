@@ -250,9 +250,20 @@ def test_merge_quantize_nf4_loads(arch, tmp_path):
     model_class(arch).from_pretrained(tmp_path / "ours", device_map="cpu")
 
 
-# loftq-init's write_adapter_config (not this change) writes task_type CAUSAL_LM and target_modules as the
-# modules' last names: PEFT then builds a causal-LM wrapper for encoders, and matches Qwen2-VL's "0"/"2"
-# (its merger's nn.Sequential Linears) against whole vision blocks named "blocks.0".
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_merge_on_the_gpu_equals_peft(arch, tmp_path):
+    """The matrix with ``device="cuda"``: bf16 merges through the GPU executor within 1 ulp of PEFT's."""
+    base = make_base(tmp_path / "base", arch, torch.bfloat16)
+    adapter = make_adapter(tmp_path / "adapter", base, arch, False)
+    peft_reference(base, adapter, arch, torch.bfloat16, tmp_path / "ref")
+    merge(base, adapter, tmp_path / "out", device="cuda")
+    ours, ref = load_output(tmp_path / "out"), load_output(tmp_path / "ref")
+    assert set(ours) == set(load_output(base))
+    for name in ref:
+        assert_equal_or_1ulp(ours[name], ref[name], name)
+
+
 LOFTQ_CASES = [a for a in ARCHS if a not in CONV1D]
 
 
