@@ -38,7 +38,10 @@ import bench_merge  # noqa: E402  (its `timed` and page-cache warming)
 
 WORLD = 4
 DIMS = dict(hidden=2048, layers=22, inter=5632, vocab=32000, heads=32, kv_heads=4)
-OURS = "from convert.consolidate import consolidate; import sys; consolidate('deepspeed', sys.argv[1], sys.argv[2])"
+OURS = (
+    "from convert.commands.consolidate import consolidate; import sys; "
+    "consolidate('deepspeed', sys.argv[1], sys.argv[2])"
+)
 
 
 def param_shapes() -> OrderedDict:
