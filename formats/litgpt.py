@@ -71,7 +71,10 @@ def lit_config(directory: Path, lora: bool = False, **overrides: object) -> obje
         from litgpt import Config
         from litgpt.lora import Config as LoRAConfig
     except ImportError:
-        raise ConvertError("--from litgpt: needs the litgpt package (pip install litgpt)") from None
+        raise ConvertError(
+            "--from litgpt: needs the litgpt package (pip install --no-deps litgpt lightning lightning-utilities "
+            "torchmetrics: its own pins would downgrade huggingface-hub below what transformers 5 needs)"
+        ) from None
     path = directory / CONFIG
     if not path.is_file():
         raise ConvertError(f"{path}: missing (not a LitGPT checkpoint directory)")
