@@ -370,11 +370,8 @@ def test_quantize_tensor_in_chunks_equals_bitsandbytes(shape, dtype, spec, tmp_p
 @pytest.mark.gpu
 def test_cuda_quantized_in_and_out(models, tmp_path) -> None:
     """On the GPU: a 4-bit base merges as on the CPU (dequantization rounds once, on every device), and
-    --quantize gives the bytes of bitsandbytes' ``quantize_4bit`` of the merged weights. Quantized outputs go
-    through the CPU workers (the GPU pipeline merges 16-bit outputs), so the oracle is bitsandbytes on the CPU:
-    its CUDA build rounds the nested absmax of double quantization differently in rare cases."""
-    import bitsandbytes.functional as F
-
+    --quantize (merged or not) gives the bytes of bitsandbytes' CUDA ``quantize_4bit`` / int8 of the 16-bit
+    weights: the GPU pipeline quantizes on the device, with the kernels that equal bitsandbytes' CUDA build."""
     from tests.helpers import make_dora_adapter
 
     adapter = models["adapter"]
@@ -388,18 +385,32 @@ def test_cuda_quantized_in_and_out(models, tmp_path) -> None:
             assert_equal_or_1ulp(tensor, cpu[name], f"{kind} {delta.name} {name}")
 
     merge(models["base16"], adapter, tmp_path / "m16", device="cuda")
-    merge(models["base16"], adapter, tmp_path / "q", device="cuda", quantize="nf4", chunk_size=4 * 64 * 3)
-    ours = load_output(tmp_path / "q")
-    checked = 0
-    for name, w in load_output(tmp_path / "m16").items():
-        if name.endswith("proj.weight"):
-            packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
-            assert torch.equal(ours[name].view(-1), packed.cpu().view(-1)), name
-            assert torch.equal(ours[name + ".absmax"], state.absmax.cpu()), name
-            assert torch.equal(ours[name + ".nested_absmax"], state.state2.absmax.cpu()), name
-            assert blob(ours[name + ".quant_state.bitsandbytes__nf4"])["nested_offset"] == state.offset.item(), name
-            checked += 1
-    assert checked == 14
+    cases = [("nf4", adapter, {}), ("fp4", adapter, {"double_quant": False, "blocksize": 128}),
+             ("int8", adapter, {}), ("nf4", None, {})]  # fmt: skip
+    for method, delta, options in cases:
+        out = tmp_path / f"q-{method}-{delta is not None}"
+        merge(models["base16"], delta, out, device="cuda", quantize=method, chunk_size=4 * 64 * 3, **options)
+        ours = load_output(out)
+        sixteen = load_output(tmp_path / "m16" if delta is not None else models["base16"])
+        checked = sum(assert_bitsandbytes_cuda(ours, name, w.cuda(), method, **options)
+                      for name, w in sixteen.items() if name.endswith("proj.weight"))  # fmt: skip
+        assert checked == 14, (method, delta)
+
+
+def assert_bitsandbytes_cuda(ours: dict, name: str, w: torch.Tensor, method: str, **options) -> bool:
+    """The serialized tensors of ``name`` equal what bitsandbytes' CUDA kernels make of ``w``."""
+    if method == "int8":
+        q, scb, _ = F.int8_vectorwise_quant(w.half())
+        assert torch.equal(ours[name], q.cpu()) and torch.equal(ours[name.removesuffix(".weight") + ".SCB"], scb.cpu())
+        return True
+    double_quant, blocksize = options.get("double_quant", True), options.get("blocksize", 64)
+    packed, state = F.quantize_4bit(w, blocksize=blocksize, quant_type=method, compress_statistics=double_quant)
+    assert torch.equal(ours[name].view(-1), packed.cpu().view(-1)), name
+    assert torch.equal(ours[name + ".absmax"], state.absmax.cpu()), name
+    if double_quant:
+        assert torch.equal(ours[name + ".nested_absmax"], state.state2.absmax.cpu()), name
+        assert blob(ours[name + f".quant_state.bitsandbytes__{method}"])["nested_offset"] == state.offset.item(), name
+    return True
 
 
 def test_conv1d_models_are_refused(tmp_path) -> None:
@@ -423,7 +434,7 @@ def test_4bit_codes_go_to_the_gpu_only_in_whole_blocks(models) -> None:
     adapted = [t for t in plan.tensors if on_gpu(t)]
     assert len(adapted) == 14
     jobs = gpu_jobs(adapted, 16 * 128)  # chunks of 16 rows of 64 or of 128 values: whole blocks of 64
-    assert all(isinstance(q, bnb_format.Packed4bit) for _, q in jobs)
-    q, t = jobs[0][1], adapted[0]
+    assert all(isinstance(job.layout, bnb_format.Packed4bit) for job in jobs)
+    q, t = jobs[0].layout, adapted[0]
     misaligned = replace(t, source=replace(t.source, layout=replace(q, blocksize=4096)))
     assert packed_4bit(t, 16) is q and packed_4bit(misaligned, 16) is None  # 16 x 64 values: not whole 4096-blocks

@@ -61,3 +61,33 @@ def test_cuda_merge_from_fp8_base_equals_cpu_merge(tmp_path) -> None:
         merge(base, adapter, tmp_path / device, device=device, dtype="bf16")
     cpu, gpu = load_output(tmp_path / "cpu"), load_output(tmp_path / "cuda")
     assert cpu.keys() == gpu.keys() and all(ulp_distance(gpu[k], v) <= 1 for k, v in cpu.items())
+
+
+@cuda
+def test_cuda_fp8_conversions_equal_the_cpu_ones(tmp_path) -> None:
+    """The streamed conversions through the GPU pipeline (the FP8 values and their scales go to the device and
+    are dequantized or quantized there) write the same bytes as the CPU workers: fp8 -> bf16, bf16 -> fp8 (block
+    and per-tensor scales), and fp8 + adapter -> fp8 (``--quantize same``), in small chunks that start inside
+    blocks. With an adapter the GPU's product may sum in another order (1 ulp before quantizing), so there the
+    values are compared: nearly all bytes equal, the others one e4m3 step apart."""
+    from convert import merge
+    from tests.helpers import SIZES64, fp8_checkpoint, load_output, make_adapter, make_llama, tree_digest
+
+    base16 = make_llama(tmp_path / "base16", SIZES64)
+    base = fp8_checkpoint(base16, tmp_path / "fp8", split_scales=True)
+    adapter = make_adapter(tmp_path / "adapter", base16, r=4, lora_alpha=8, target_modules="all-linear")
+    cases = [(base, None, {"dtype": "bf16"}), (base16, None, {"quantize": "fp8"})]
+    cases.append((base, adapter, {"quantize": "same"}))
+    for i, (source, delta, options) in enumerate(cases):
+        for device in ("cpu", "cuda"):
+            merge(source, delta, tmp_path / f"{i}-{device}", device=device, chunk_size=4 * 64 * 48, **options)
+        if delta is None:
+            assert tree_digest(tmp_path / f"{i}-cuda") == tree_digest(tmp_path / f"{i}-cpu"), options
+            continue
+        cpu, gpu = load_output(tmp_path / f"{i}-cpu"), load_output(tmp_path / f"{i}-cuda")
+        assert cpu.keys() == gpu.keys()
+        for name, tensor in gpu.items():
+            a, b = tensor.view(torch.uint8).int(), cpu[name].view(torch.uint8).int()
+            assert tensor.dtype == cpu[name].dtype and (a == b).float().mean() > 0.99, name
+            if tensor.dtype == torch.float8_e4m3fn:
+                assert (a - b).abs().max() <= 1, name

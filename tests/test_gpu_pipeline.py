@@ -128,7 +128,8 @@ def test_gpu_jobs_are_16_row_multiples_and_prefetch_follows_them(tmp_path, monke
 
     plan = tiny_plan(tmp_path)
     adapted = [t for t in plan.tensors if on_gpu(t)]
-    jobs = [job for job, q in gpu_pipeline.gpu_jobs(adapted, 20 * 48) if q is None]  # 20 rows of 48 -> 16-row chunks
+    jobs = gpu_pipeline.gpu_jobs(adapted, 20 * 48)  # 20 rows of 48 -> 16-row chunks
+    jobs = [job.work for job in jobs if job.layout is None]
     for t in adapted:
         bounds = [(j.start, j.stop) for j in jobs if j.out is t]
         assert bounds[0][0] == 0 and bounds[-1][1] == t.shape[0]

@@ -57,18 +57,22 @@ class StreamingQuantizer:
             )
 
     def write_rows(self, start: int, rows: torch.Tensor) -> None:
+        write_pieces(self.writer, self.pieces(start, rows))
+
+    def pieces(self, start: int, rows: torch.Tensor) -> list[Piece]:
+        """The serialized bytes rows [start, start + len(rows)) become, on the rows' device, with their planned
+        offsets (the GPU pipeline copies them back itself; ``write_rows`` writes them at once)."""
         cols = math.prod(self.shape[1:])
         if self.spec.method == "int8":
             q, scb = quant.quantize_int8(rows.reshape(len(rows), cols).to(torch.float16))  # as bnb's Int8Params
-            self.writer.write(self.name, q.cpu(), start * cols)
-            self.writer.write(self.name.removesuffix(".weight") + ".SCB", scb.cpu(), start * 4)
+            out = [(self.name, q, start * cols), (self.name.removesuffix(".weight") + ".SCB", scb, start * 4)]
         else:
             e0, bs = start * cols, self.spec.blocksize
             assert e0 % bs == 0, "a 4-bit chunk must start on a block boundary"
             packed, absmax = quant.quantize_blocks_4bit(rows.reshape(-1), bs, self.spec.method)
-            self.writer.write(self.name, packed.cpu(), e0 // 2)
+            out = [(self.name, packed, e0 // 2)]
             if not self.spec.double_quant:
-                self.writer.write(self.name + ".absmax", absmax.cpu(), e0 // bs * 4)
+                out.append((self.name + ".absmax", absmax, e0 // bs * 4))
             else:
                 with self._lock:
                     if self._absmax is None:
@@ -79,11 +83,23 @@ class StreamingQuantizer:
             last = self._rows_left == 0
         if last and self._absmax is not None:
             qabsmax, nested, offset = quant.double_quantize(self._absmax)
-            self.writer.write(self.name + ".absmax", qabsmax.cpu())
-            self.writer.write(self.name + ".nested_absmax", nested.cpu())
             blob = quant_state_blob(self.shape, self.dtype, self.spec, offset)
-            self.writer.write(self.name + BLOB + self.spec.method, _bytes(blob))
+            out += [
+                (self.name + ".absmax", qabsmax, 0),
+                (self.name + ".nested_absmax", nested, 0),
+                (self.name + BLOB + self.spec.method, _bytes(blob), 0),
+            ]
             self._absmax = None
+        return out
+
+
+# A serialized tensor's bytes and where they go: (tensor name, values on any device, byte offset in the tensor).
+Piece = tuple[str, torch.Tensor, int]
+
+
+def write_pieces(writer: ShardWriter, pieces: list[Piece]) -> None:
+    for name, values, offset in pieces:
+        writer.write(name, values.cpu(), offset)
 
 
 def _bytes(data: bytes) -> torch.Tensor:
@@ -115,13 +131,15 @@ class FP8Quantizer:
     spec: fp8.FP8Spec
 
     def write_rows(self, start: int, rows: torch.Tensor) -> None:
+        write_pieces(self.writer, self.pieces(start, rows))
+
+    def pieces(self, start: int, rows: torch.Tensor) -> list[Piece]:
         block = self.spec.block
         assert block is None or start % block[0] == 0, "an FP8 chunk must start on a block row"
         q, inv = fp8_kernel.quantize(rows.reshape(len(rows), self.shape[1]), block)
-        self.writer.write(self.name, q.cpu().view(torch.uint8), start * self.shape[1])
-        inv = inv.to(DTYPES[self.spec.scale_dtype]).cpu()
+        inv = inv.to(DTYPES[self.spec.scale_dtype])
         offset = 0 if block is None else start // block[0] * inv.shape[-1] * inv.element_size()
-        self.writer.write(fp8.scale_name(self.name), inv, offset)
+        return [(self.name, q.view(torch.uint8), start * self.shape[1]), (fp8.scale_name(self.name), inv, offset)]
 
 
 def streaming_quantizer(writer: ShardWriter, out) -> StreamingQuantizer | FP8Quantizer:
