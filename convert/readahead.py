@@ -89,9 +89,15 @@ def start(base: str, budget: int | None = None) -> threading.Thread | None:
     return thread
 
 
+def enabled() -> bool:
+    """Whether early reads are on: ``CONVERT_READAHEAD=0`` turns them off (both this module's and
+    ``convert.startup``'s)."""
+    return os.environ.get("CONVERT_READAHEAD", "1") != "0" and hasattr(os, "preadv")
+
+
 def start_for_command_line(argv: list[str], orig_argv: list[str]) -> threading.Thread | None:
     """``start`` for a ``convert merge`` command line; None for anything else (library use, tests)."""
-    if os.environ.get("CONVERT_READAHEAD", "1") == "0" or not hasattr(os, "preadv"):
+    if not enabled():
         return None
     base = base_of_command_line(argv, orig_argv)
     return start(base) if base else None

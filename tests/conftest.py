@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,8 @@ from tests.helpers import make_adapter, make_base
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # Commands run by the tests leave their start-up profile (convert.startup) here, not in the user's cache.
+    os.environ.setdefault("CONVERT_STARTUP_PROFILE", str(Path(tempfile.mkdtemp(prefix="convert-startup-")) / "p"))
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it, run for real on the GPU machine")
 
 
