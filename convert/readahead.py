@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 # Bytes a read. Small, so that the libraries' page faults wait behind at most one read of this: with 16 MiB
@@ -52,15 +53,24 @@ def available_memory() -> int:
     return 0
 
 
+def each_file(paths: Iterable[str | Path]) -> Iterator[int]:
+    """Each path opened read-only in turn (one that cannot be opened is skipped), closed after its turn."""
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+
 def read_ahead(shards: list[Path], budget: int) -> None:
     """Read the shards in order, ``STEP`` bytes at a time, until ``budget`` bytes; errors end it quietly
     (the merge reports its own)."""
     buffer = bytearray(STEP)
-    for shard in shards:
-        try:
-            fd = os.open(shard, os.O_RDONLY)
-        except OSError:
-            return
+    for fd in each_file(shards):
         try:
             offset, size = 0, os.fstat(fd).st_size
             while budget > 0 and offset < size:
@@ -71,8 +81,6 @@ def read_ahead(shards: list[Path], budget: int) -> None:
                 budget -= n
         except OSError:
             return
-        finally:
-            os.close(fd)
 
 
 def start(base: str, budget: int | None = None) -> threading.Thread | None:

@@ -25,6 +25,8 @@ import sys
 import threading
 from pathlib import Path
 
+from convert.readahead import each_file
+
 MAX_FILES = 20000
 
 
@@ -91,17 +93,11 @@ def warm(files: list[str]) -> None:
     """Ask the kernel to read ``files`` into the page cache, in order; returns once every request is queued."""
     if not hasattr(os, "posix_fadvise"):
         return
-    for name in files:
-        try:
-            fd = os.open(name, os.O_RDONLY)
-        except OSError:
-            continue
+    for fd in each_file(files):
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         except OSError:
             pass
-        finally:
-            os.close(fd)
 
 
 def start() -> threading.Thread:

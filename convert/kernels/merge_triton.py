@@ -59,6 +59,10 @@ class Packed4bit:
     dtype: torch.dtype  # bitsandbytes rounds dequantized values to the original dtype
 
 
+Tensor = torch.Tensor
+Base = torch.Tensor | Packed4bit  # a 16/32-bit base, or a 4-bit one the kernel dequantizes tile by tile
+
+
 def dequantize_reference(q: Packed4bit) -> torch.Tensor:
     """``code[nibble] * absmax[block]`` in fp32, rounded to ``q.dtype``: bitsandbytes' dequantize_4bit."""
     n = q.shape[0] * q.shape[1]
@@ -68,15 +72,8 @@ def dequantize_reference(q: Packed4bit) -> torch.Tensor:
     return (q.code[nibbles] * absmax).to(q.dtype).reshape(q.shape)
 
 
-def merge_reference(
-    base: torch.Tensor | Packed4bit,
-    L: torch.Tensor,
-    R: torch.Tensor,
-    scale: float,
-    out_dtype: torch.dtype,
-    magnitude: torch.Tensor | None = None,
-    axis: int = 1,
-) -> torch.Tensor:
+def merge_reference(base: Base, L: Tensor, R: Tensor, scale: float, out_dtype: torch.dtype,
+                    magnitude: Tensor | None = None, axis: int = 1) -> Tensor:  # fmt: skip
     """PEFT's merge in torch: fp32 ``W + (L @ R) * scale``, DoRA-scaled, rounded once to ``out_dtype``."""
     weight = dequantize_reference(base) if isinstance(base, Packed4bit) else base
     merged = weight.float() + (L @ R) * scale
@@ -289,16 +286,8 @@ def _dense_if_needed(base: torch.Tensor | Packed4bit, out: torch.Tensor | None =
     return base
 
 
-def merge_triton(
-    base: torch.Tensor | Packed4bit,
-    L: torch.Tensor,
-    R: torch.Tensor,
-    scale: float,
-    out_dtype: torch.dtype,
-    magnitude: torch.Tensor | None = None,
-    axis: int = 1,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
+def merge_triton(base: Base, L: Tensor, R: Tensor, scale: float, out_dtype: torch.dtype,
+                 magnitude: Tensor | None = None, axis: int = 1, out: Tensor | None = None) -> Tensor:  # fmt: skip
     """The Triton twin of ``merge_reference``. ``out`` may be ``base`` itself (same dtype): merged in place."""
     base = _dense_if_needed(base, out)
     if out is None:
