@@ -195,6 +195,7 @@ def test_a_live_run_is_not_clobbered(inputs, tmp_path):
 
 def test_free_space_is_checked_before_writing(inputs, tmp_path, monkeypatch):
     base, adapter, _ = inputs
+    import convert.execute.cpu
     import convert.output.stage
 
     class Tiny:
@@ -280,6 +281,9 @@ def test_injected_enospc_then_resume(inputs, tmp_path, monkeypatch):
     monkeypatch.setattr(formats.writer, "_pwrite_all", full_disk)
     monkeypatch.setattr(formats.writer.os, "copy_file_range", lambda *a: (_ for _ in ()).throw(OSError(18, "EXDEV")))
     monkeypatch.setattr(convert.output.stage.Stage, "shard_done", counting)
+    # One worker: shards then finish in plan order, so writes are left after the third (with many workers on a
+    # many-core machine the last shards could be written before the third is journaled).
+    monkeypatch.setattr(convert.execute.cpu, "MAX_WORKERS", 1)
     with pytest.raises(ConvertError, match="No space left on device.*kept in .*rerun with --resume"):
         merge(base, adapter, out, max_shard_size="20KB", chunk_size="1KiB", device="cpu")
     assert_no_finished_model(out)

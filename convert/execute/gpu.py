@@ -306,8 +306,8 @@ def output_pieces(job: GpuJob, rows: torch.Tensor, quantizers: dict[str, Streami
 
 
 def copy_back(pieces: list[Piece], host: torch.Tensor) -> list[Piece]:
-    """Start copying the device pieces into ``host`` (one after another, aligned); pieces already on the host
-    (a quant-state blob) pass as they are."""
+    """Start copying the device pieces into ``host`` (one after another, aligned) on the current stream; pieces
+    already on the host (a quant-state blob) pass as they are."""
     copied, at = [], 0
     for name, values, offset in pieces:
         if not values.is_cuda:
@@ -320,6 +320,9 @@ def copy_back(pieces: list[Piece], host: torch.Tensor) -> list[Piece]:
         else:  # more pieces than a 16-bit output's bytes (int8 of one-column rows): pinned memory of their own
             view = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
         view.copy_(values, non_blocking=True)
+        # The piece was allocated on the compute stream: without this the allocator could hand its memory to the
+        # next job's kernels before this stream has copied it out.
+        values.record_stream(torch.cuda.current_stream())
         copied.append((name, view, offset))
     return copied
 
