@@ -138,9 +138,9 @@ class ShardWriter:
         self.bytes_written = 0
         self.kept_tensors: set[str] = set()
         self.opened: list[str] = []  # the shard files this writer writes into
-        elsewhere = set(elsewhere)
+        self.elsewhere = set(elsewhere)
         for i, (shard, name) in enumerate(zip(self.shards, self.names, strict=True)):
-            kept = [t for t in shard if name in done or t.name in elsewhere]
+            kept = [t for t in shard if name in done or t.name in self.elsewhere]
             if kept:
                 self.kept_tensors.update(t.name for t in kept)
                 self._written.update((t.name, t.nbytes) for t in kept)

@@ -308,16 +308,23 @@ class RankedJob(OutputJob):
         return writer
 
     def gather(self, value: Any) -> list[Any]:
-        """Every rank's ``value``, in rank order (e.g. the errors of the matrices each rank computed)."""
+        """Every rank's ``value``, in rank order (e.g. the errors of the matrices each rank computed), once
+        what every rank wrote so far is durable (so rank 0 may rename or read it)."""
+        self._settle()
         return self.ranks.exchange(None, value)
 
-    def publish(self, files: list[str] | None, message: str) -> str | None:
-        """Once every rank's files are durable, rank 0 commits and publishes; every rank returns its outcome."""
+    def _settle(self) -> None:
+        """fsync the files this rank wrote into (on a shared filesystem: its writes reach the server)."""
         self.stage.wait()  # this rank's shards fsynced and journaled
         for writer in self.writers:
             writer.close()
             for name in writer.opened:
                 fsync_path(writer.out_dir / name)
+            writer.opened = []
+
+    def publish(self, files: list[str] | None, message: str) -> str | None:
+        """Once every rank's files are durable, rank 0 commits and publishes; every rank returns its outcome."""
+        self._settle()
         self.ranks.exchange()
         if self.lead:
             super().publish(files, message)
