@@ -180,7 +180,8 @@ def hub():
 
 
 def test_hub_base_and_push_under_two_ranks(models, hub, tmp_path):
-    """Each base shard is downloaded once (ranks fetch only their inputs' shards); one commit, by rank 0."""
+    """Each base shard is downloaded once (ranks fetch only their inputs' shards) and, with
+    --no-keep-downloads, deleted once every rank is done; one commit, by rank 0."""
     base, adapter = models
     for repo, path in (("org/base", base), ("org/adapter", adapter)):
         hub.add_repo(repo, {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()})
@@ -189,7 +190,9 @@ def test_hub_base_and_push_under_two_ranks(models, hub, tmp_path):
     env = {"HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_DISABLE_XET": "1"}
     env |= {"HF_HOME": str(tmp_path / "hf-home"), "HF_TOKEN": TOKEN}
     args = ["merge", "--base", "org/base", "--adapter", "org/adapter", *SHARDS, "--out", str(out)]
-    ok(convert(2, *args, "--push-to-hub", "org/merged", **env))
+    ok(convert(2, *args, "--push-to-hub", "org/merged", "--no-keep-downloads", **env))
+    assert (tmp_path / "cache" / "models--org--base" / "snapshots").is_dir()
+    assert not list((tmp_path / "cache" / "models--org--base").rglob("model*.safetensors"))
     merged = tree_digest(out)
     assert {k: v for k, v in merged.items() if k != "README.md"} == {
         k: v for k, v in expected.items() if k != "README.md"
