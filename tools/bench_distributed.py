@@ -162,9 +162,10 @@ def main() -> None:
         *model_rows(per_rank, args.gpus_per_node, args.storage_gbps * 1e9),
         "",
     ]
+    text = "\n".join(lines)
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text("\n".join(lines))
-    print("\n".join(lines))
+    args.results.write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -87,12 +87,18 @@ class OutputJob:
         directory = self.dir / subdir
         directory.mkdir(parents=True, exist_ok=True)
         if subdir:
-            writer = ShardWriter(directory, planned, shard_bytes, elsewhere=elsewhere)
+            writer = self._shared_writer(directory, planned, shard_bytes, elsewhere)
         else:
-            on_shard = each(self.stage.shard_done, self.upload and self.upload.file_done)
-            writer = ShardWriter(directory, planned, shard_bytes, on_shard, done=self.stage.done)
+            writer = self._shard_writer(planned, shard_bytes, read_bytes or {}, rework_kept)
         self.writers.append(writer)
         return writer
+
+    def _shard_writer(self, planned: list[PlannedTensor], shard_bytes: int, read: dict, rework: bool) -> ShardWriter:
+        on_shard = each(self.stage.shard_done, self.upload and self.upload.file_done)
+        return ShardWriter(self.dir, planned, shard_bytes, on_shard, done=self.stage.done)
+
+    def _shared_writer(self, where: Path, planned: list[PlannedTensor], size: int, others: Collection) -> ShardWriter:
+        return ShardWriter(where, planned, size, elsewhere=others)
 
     @contextmanager
     def progress(self, total: int, unit: str, desc: str) -> Iterator[Callable[[int], None]]:

@@ -266,46 +266,28 @@ class RankedJob(OutputJob):
     def __enter__(self) -> RankedJob:
         return self
 
-    def shards(
-        self,
-        planned: list[PlannedTensor],
-        shard_bytes: int,
-        subdir: str = "",
-        *,
-        read_bytes: dict[str, int] | None = None,
-        rework_kept: bool = False,
-        elsewhere: Collection[str] = (),
-    ) -> ShardWriter:
-        """At the top level: a writer of the shards this rank owns (others' tensors count as kept). In a
-        subdirectory (an adapter, a second model: not journaled, shards shared between ranks): rank 0 creates
-        the files, then every rank writes its tensors (all but ``elsewhere``) into them."""
-        if subdir:
-            return self._shared(planned, shard_bytes, subdir, elsewhere)
+    def _shard_writer(self, planned: list[PlannedTensor], shard_bytes: int, read: dict, rework: bool) -> ShardWriter:
+        """A writer of the shards this rank owns; the other ranks' tensors count as kept."""
         shards = plan_shards(planned, shard_bytes)
         names = shard_names(len(shards))
-        read = read_bytes or {}
         costs = [
-            0 if name in self.stage.done and not rework_kept else sum(t.nbytes + read.get(t.name, 0) for t in shard)
+            0 if name in self.stage.done and not rework else sum(t.nbytes + read.get(t.name, 0) for t in shard)
             for shard, name in zip(shards, names, strict=True)
         ]
         owner = owners(costs, self.ranks.world)
         others = [t.name for shard, rank in zip(shards, owner, strict=True) if rank != self.ranks.rank for t in shard]
         on_shard = each(self.stage.shard_done, self.upload and self.upload.file_done)
-        writer = ShardWriter(self.dir, planned, shard_bytes, on_shard, done=self.stage.done, elsewhere=others,
-                             before_write=self.ranks.check, index=self.lead)  # fmt: skip
-        self.writers.append(writer)
-        return writer
+        return ShardWriter(self.dir, planned, shard_bytes, on_shard, done=self.stage.done, elsewhere=others,
+                           before_write=self.ranks.check, index=self.lead)  # fmt: skip
 
-    def _shared(self, planned: list[PlannedTensor], shard_bytes: int, subdir: str, elsewhere: Collection[str]):
-        directory = self.dir / subdir
-        directory.mkdir(parents=True, exist_ok=True)
+    def _shared_writer(self, where: Path, planned: list[PlannedTensor], size: int, others: Collection) -> ShardWriter:
+        """A subdirectory's shards (an adapter, a second model: not journaled) shared between ranks: rank 0 creates
+        the files, then every rank writes its tensors (all but ``others``) into them."""
         if self.lead:
-            create_shard_files(directory, planned, shard_bytes)
+            create_shard_files(where, planned, size)
         self.ranks.exchange()  # the files exist before anyone opens them
-        writer = ShardWriter(directory, planned, shard_bytes, elsewhere=elsewhere, attach=True,
-                             before_write=self.ranks.check, index=self.lead)  # fmt: skip
-        self.writers.append(writer)
-        return writer
+        return ShardWriter(where, planned, size, elsewhere=others, attach=True,
+                           before_write=self.ranks.check, index=self.lead)  # fmt: skip
 
     def gather(self, value: Any) -> list[Any]:
         """Every rank's ``value``, in rank order (e.g. the errors of the matrices each rank computed), once
