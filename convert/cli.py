@@ -97,7 +97,7 @@ def merge_options(command):
 
 
 def report(result, quiet: bool) -> None:
-    if not quiet:
+    if not quiet and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
         click.echo(result.summary())
 
 
@@ -180,7 +180,7 @@ def consolidate_command(checkpoint_dir, source, adapter_only, base, out, quantiz
     result = consolidate(
         source, checkpoint_dir, out, adapter_only=adapter_only, base=base, quantize=quantize, **options
     )
-    if not options["quiet"]:
+    if not options["quiet"] and os.environ.get("RANK", "0") == "0":
         click.echo(result.summary() if hasattr(result, "summary") else f"wrote the adapter to {result}")
 
 

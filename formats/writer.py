@@ -98,6 +98,14 @@ class ShardWriter:
     ``done`` names shards already complete in ``out_dir`` (a resumed run,
     ``convert.output.stage``): they are left as they are, their tensors
     (``kept_tensors``) count as written, and writes to them are dropped.
+
+    Several processes can share one layout (``convert.output.ranks``): ``elsewhere`` names tensors another
+    process writes, treated as kept here (a shard holding only such tensors is never opened, one holding
+    some of them is never reported done by this process); with ``attach`` the shard files already exist
+    (``create_shard_files``, by one process) and are opened without truncating them, so that each process
+    writes its tensors at their planned offsets. ``before_write`` is called before every write (it may
+    raise to stop the writer's caller: another process failed); ``index=False`` leaves the index to
+    another process.
     """
 
     def __init__(
@@ -107,11 +115,18 @@ class ShardWriter:
         max_shard_size: int,
         on_shard_done: Callable[[str], None] | None = None,
         done: Collection[str] = (),
+        *,
+        elsewhere: Collection[str] = (),
+        attach: bool = False,
+        before_write: Callable[[], None] | None = None,
+        index: bool = True,
     ):
         self.out_dir = out_dir
         self.shards = plan_shards(tensors, max_shard_size)
         self.names = shard_names(len(self.shards))
         self.on_shard_done = on_shard_done
+        self.before_write = before_write
+        self.index = index
         self._shard_of = {t.name: i for i, shard in enumerate(self.shards) for t in shard}
         self._left = [sum(t.nbytes for t in shard) for shard in self.shards]  # bytes not yet in each shard
         self._reported: set[int] = set()
@@ -122,23 +137,36 @@ class ShardWriter:
         self._fds: list[int] = []
         self.bytes_written = 0
         self.kept_tensors: set[str] = set()
+        self.opened: list[str] = []  # the shard files this writer writes into
+        self.elsewhere = set(elsewhere)
         for i, (shard, name) in enumerate(zip(self.shards, self.names, strict=True)):
-            if name in done:
-                self._reported.add(i)
-                self.kept_tensors.update(t.name for t in shard)
-                self._written.update((t.name, t.nbytes) for t in shard)
-                self._where.update((t.name, (-1, 0, t.nbytes)) for t in shard)
-                continue
-            header = encode_header(shard, {"format": "pt"})
-            fd = os.open(out_dir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            self._fds.append(fd)
+            kept = [t for t in shard if name in done or t.name in self.elsewhere]
+            if kept:
+                self.kept_tensors.update(t.name for t in kept)
+                self._written.update((t.name, t.nbytes) for t in kept)
+                self._where.update((t.name, (-1, 0, t.nbytes)) for t in kept)
+                self._reported.add(i)  # done, or not all of it written here: never reported by this writer
+            if len(kept) < len(shard):
+                self._open(shard, name, attach)
+
+    def _open(self, shard: list[PlannedTensor], name: str, attach: bool) -> None:
+        """Open one shard file for writing its tensors not kept: created with its header, or (``attach``) as
+        another process created it."""
+        header = encode_header(shard, {"format": "pt"})
+        flags = os.O_WRONLY if attach else os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        fd = os.open(self.out_dir / name, flags, 0o644)
+        self._fds.append(fd)
+        self.opened.append(name)
+        if not attach:
             _pwrite_all(fd, memoryview(header), 0)
-            offset = len(header)
-            for t in shard:
+        offset = len(header)
+        for t in shard:
+            if t.name not in self._where:
                 self._where[t.name] = (fd, offset, t.nbytes)
                 self._written[t.name] = 0
                 self._ranges[t.name] = []
-                offset += t.nbytes
+            offset += t.nbytes
+        if not attach:
             os.ftruncate(fd, offset)
 
     def _claim(self, name: str, offset: int, n: int) -> None:
@@ -156,6 +184,8 @@ class ShardWriter:
         """Write the bytes of ``data`` (a CPU tensor) at byte ``offset`` within tensor ``name``."""
         if name in self.kept_tensors:
             return
+        if self.before_write is not None:
+            self.before_write()
         fd, start, _ = self._where[name]
         data = data.contiguous()
         view = byte_view(data)
@@ -167,6 +197,8 @@ class ShardWriter:
         """Copy a tensor's bytes file-to-file without reading them into this process."""
         if name in self.kept_tensors:
             return
+        if self.before_write is not None:
+            self.before_write()
         fd, dst, nbytes = self._where[name]
         self._claim(name, 0, source.nbytes)
         with open(source.path, "rb", buffering=0) as src:
@@ -211,13 +243,18 @@ class ShardWriter:
             if shard not in self._reported and self.on_shard_done is not None:
                 self._reported.add(shard)
                 self.on_shard_done(name)
-        if len(self.shards) > 1:
+        if len(self.shards) > 1 and self.index:
             weight_map = {t.name: name for shard, name in zip(self.shards, self.names, strict=True) for t in shard}
             total = sum(nbytes for _, _, nbytes in self._where.values())
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
             return [*self.names, INDEX_NAME]
         return list(self.names)
+
+
+def create_shard_files(out_dir: Path, tensors: list[PlannedTensor], max_shard_size: int) -> None:
+    """Create every shard file of a layout (header, then its full length) for writers that ``attach`` to them."""
+    ShardWriter(out_dir, tensors, max_shard_size).close()
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> int:

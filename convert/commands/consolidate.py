@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from convert.commands.merge import MergeResult, merge
 from convert.options import MergeOptions
-from convert.output.job import OutputJob
+from convert.output.ranks import current, output_job
 from convert.output.stage import fingerprint
 from convert.plan.inputs import check_paths
 from formats import litgpt
@@ -94,15 +94,24 @@ def consolidate(
         if opts.push_to_hub is not None:
             raise ConvertError("--push-to-hub: not supported with --adapter-only (push the adapter directory instead)")
         check_paths([ckpt.directory, Path(checkpoint_dir)], out, opts.overwrite)
-        with OutputJob(out, fingerprint("consolidate-adapter", {}, ckpt.files), 0, opts) as job:
-            write_adapter(job.dir, config, lora)
+        with output_job(out, fingerprint("consolidate-adapter", {}, ckpt.files), 0, opts) as job:
+            if job.lead:
+                write_adapter(job.dir, config, lora)
             job.publish(None, "")
         return out
     adapter_dir = out.parent / f".{out.name}.adapter"  # stable, so that a resumed merge finds the same input
-    if not (opts.resume and (adapter_dir / "adapter_model.safetensors").is_file()):
-        shutil.rmtree(adapter_dir, ignore_errors=True)
-        adapter_dir.mkdir(parents=True)
-        write_adapter(adapter_dir, config, lora)
+
+    def stage_adapter() -> None:
+        if not (opts.resume and (adapter_dir / "adapter_model.safetensors").is_file()):
+            shutil.rmtree(adapter_dir, ignore_errors=True)
+            adapter_dir.mkdir(parents=True)
+            write_adapter(adapter_dir, config, lora)
+
+    ranks = current(opts.device)
+    if ranks is None:
+        stage_adapter()
+    else:  # torchrun: rank 0 writes the adapter every rank then reads
+        ranks.lead_first(stage_adapter, out)
     run_base = dataclasses.replace(ckpt, tensors=base_tensors)
     try:
         result = merge(run_base if base is None else base, adapter_dir, out, **options)

@@ -14,13 +14,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from convert.devices import parse_devices
 from convert.execute.loftq import run_loftq
 from convert.options import LoftQOptions
 from convert.output.job import OutputJob, human_bytes, option_sizes, peak_rss_bytes, version
+from convert.output.ranks import output_job
 from convert.output.stage import fingerprint
-from convert.plan.inputs import open_inputs
-from convert.plan.loftq_plan import LoftQPlan, Settings, build_plan, check_settings
+from convert.plan.inputs import Inputs, open_inputs
+from convert.plan.loftq_plan import LoftQPlan, Settings, adapter_names, build_plan, check_settings
 from formats import bnb
 from formats.hf_files import write_model_card, write_model_files
 from formats.writer import PlannedTensor
@@ -77,25 +80,19 @@ def loftq_init(base: str | os.PathLike, out: str | os.PathLike, **options) -> Lo
         needed = sum(t.nbytes for t in plan.base + plan.adapter)
         if o.save_dequantized:
             needed += sum(t.nbytes for t in plan.order)
-        with OutputJob(out, fingerprint("loftq-init", fields, inputs.files()), needed, o) as job:
-            base_writer = job.shards(plan.base, shard_bytes)
-            adapter_writer = job.shards(plan.adapter, 1 << 62, "adapter")
-            deq_plan = [PlannedTensor(t.name, t.dtype, t.shape) for t in plan.order]
-            deq_writer = job.shards(deq_plan, shard_bytes, "dequantized") if o.save_dequantized else None
-            with job.progress(len(plan.order), "tensor", "loftq-init") as step:
-                writers = (base_writer, adapter_writer, deq_writer)
-                errors = run_loftq(plan, inputs.stages(plan.order), writers, settings, device, step)
-            base_writer.finish()
-            os.rename(job.dir / "adapter" / adapter_writer.finish()[0], job.dir / "adapter" / ADAPTER_WEIGHTS)
-            quant_config = bnb.quantization_config(settings.spec, plan.dtype)
-            write_model_files(job.dir, inputs.base.config, plan.dtype, {"quantization_config": quant_config},
-                              inputs.side_sources())  # fmt: skip
-            if deq_writer is not None:
-                deq_writer.finish()
-                write_model_files(job.dir / "dequantized", inputs.base.config, plan.dtype, {}, inputs.side_sources())
+        with output_job(out, fingerprint("loftq-init", fields, inputs.files()), needed, o) as job:
+            errors = write_tensors(job, inputs, plan, o, settings, device, shard_bytes)
             mean_error = sum(e for e, _ in errors) / max(1, len(errors))
             mean_quant = sum(q for _, q in errors) / max(1, len(errors))
-            write_cards(job.dir, out, inputs.base_name(), o, settings, plan, (len(errors), mean_error, mean_quant))
+            if job.lead:
+                quant_config = bnb.quantization_config(settings.spec, plan.dtype)
+                write_model_files(job.dir, inputs.base.config, plan.dtype, {"quantization_config": quant_config},
+                                  inputs.side_sources())  # fmt: skip
+                if o.save_dequantized:
+                    write_model_files(job.dir / "dequantized", inputs.base.config, plan.dtype, {},
+                                      inputs.side_sources())  # fmt: skip
+                errors_card = (len(errors), mean_error, mean_quant)
+                write_cards(job.dir, out, inputs.base_name(), o, settings, plan, errors_card)
             job.publish(None, "Upload LoftQ-initialized 4-bit base and adapter written by ckpt-convert")
     finally:
         inputs.close()
@@ -110,6 +107,52 @@ def loftq_init(base: str | os.PathLike, out: str | os.PathLike, **options) -> Lo
         seconds=time.perf_counter() - started,
         peak_rss_bytes=peak_rss_bytes(),
     )
+
+
+def write_tensors(
+    job: OutputJob,
+    inputs: Inputs,
+    plan: LoftQPlan,
+    o: LoftQOptions,
+    settings: Settings,
+    device: torch.device,
+    shard_bytes: int,
+) -> list[tuple[float, float]]:
+    """Write the 4-bit base, the adapter and the optional dequantized base; return each target's errors.
+
+    Under torchrun a rank computes the tensors with a part in its own base shards (those of kept shards too:
+    the adapter is written again by a resumed run), and writes the adapter factors and dequantized tensors
+    of those whose weight lies in its shards, into files shared with the other ranks; the errors of every
+    rank's targets come back to all, in the plan's order, so the cards say what one process would."""
+    base_writer = job.shards(plan.base, shard_bytes, read_bytes=work_bytes(plan, settings), rework_kept=True)
+    mine = [i for i in plan.order if not all(p in base_writer.elsewhere for p in plan.parts[i.name])]
+    leads = {i.name for i in mine if plan.parts[i.name][0] not in base_writer.elsewhere}
+    others = [n for weight, module in plan.targets.items() if weight not in leads for n in adapter_names(module)]
+    adapter_writer = job.shards(plan.adapter, 1 << 62, "adapter", elsewhere=others)
+    deq_writer = None
+    if o.save_dequantized:
+        deq_plan = [PlannedTensor(t.name, t.dtype, t.shape) for t in plan.order]
+        deq_others = [t.name for t in plan.order if t.name not in leads]
+        deq_writer = job.shards(deq_plan, shard_bytes, "dequantized", elsewhere=deq_others)
+    with job.progress(len(mine), "tensor", "loftq-init") as step:
+        writers = (base_writer, adapter_writer, deq_writer)
+        errors = run_loftq(plan, inputs.stages(mine), writers, settings, device, step)
+    base_writer.finish()
+    adapter_file = adapter_writer.finish()[0]
+    if deq_writer is not None:
+        deq_writer.finish()
+    found = {n: e for part in job.gather({n: e for n, e in errors.items() if n in leads}) for n, e in part.items()}
+    if job.lead:  # once every rank's factors are in the file
+        os.rename(job.dir / "adapter" / adapter_file, job.dir / "adapter" / ADAPTER_WEIGHTS)
+    return [found[i.name] for i in plan.order if i.name in found]
+
+
+def work_bytes(plan: LoftQPlan, settings: Settings) -> dict[str, int]:
+    """What computing each base tensor costs, in bytes read, by its first 4-bit tensor: how torchrun ranks share
+    the work. A LoftQ target weighs as if read again for each iteration's quantization and truncated SVD (a
+    rough weight: it is compute that dominates there)."""
+    weight = {"loftq": 1 + 4 * settings.iters, "quant": 2, "copy": 1}
+    return {plan.parts[i.name][0]: i.nbytes * weight[plan.roles[i.name]] for i in plan.order}
 
 
 def write_cards(

@@ -16,7 +16,8 @@ from convert.devices import parse_devices
 from convert.execute.cpu import run_plan
 from convert.execute.gpu import run_plan_gpu
 from convert.options import FORMAT_METHODS, MergeOptions
-from convert.output.job import OutputJob, human_bytes, option_sizes, peak_rss_bytes, version
+from convert.output.job import human_bytes, option_sizes, peak_rss_bytes, version
+from convert.output.ranks import output_job
 from convert.output.stage import fingerprint
 from convert.plan.build import Plan
 from convert.plan.inputs import Inputs, open_inputs
@@ -74,9 +75,10 @@ def merge(
         settings |= {"device": devices[0].type, **sizes, "hub_base": inputs.identity()}
         planned = [p for t in plan.tensors for p in t.serialized]
         fp = fingerprint("merge", settings, inputs.files())
-        with OutputJob(out, fp, sum(t.nbytes for t in planned), opts) as job:
-            writer = job.shards(planned, sizes["max_shard_size"])
-            # Resumed: tensors whose every serialized part lies in a finished shard stay as they are.
+        with output_job(out, fp, sum(t.nbytes for t in planned), opts) as job:
+            writer = job.shards(planned, sizes["max_shard_size"], read_bytes=read_bytes(plan))
+            # Resumed: tensors whose every serialized part lies in a finished shard stay as they are (so do
+            # those in the shards of other torchrun ranks).
             todo = [t for t in plan.tensors if not all(p.name in writer.kept_tensors for p in t.serialized)]
             with job.progress(sum(t.planned.nbytes for t in todo), "B", "merge") as step:
                 for part in inputs.stages(todo):  # Hub: one base shard at a time
@@ -85,15 +87,27 @@ def merge(
                     else:
                         run_plan(part, writer, devices[0], sizes["chunk_size"], step)
             files = writer.finish()
-            config = {k: v for k, v in inputs.base.config.items() if k != "quantization_config"}  # plan's, if any
-            files += write_model_files(job.dir, config, plan.dtype, plan.config_updates, inputs.side_sources())
-            if inputs.adapter is not None or opts.quantize is not None:
-                write_model_card(job.dir, *card(inputs, opts))
-                files.append("README.md")
+            if job.lead:
+                files += write_side_files(job.dir, inputs, opts, plan)
             commit_url = job.publish(files, "Upload model written by ckpt-convert")
     finally:
         inputs.close()
     return result(out, sorted(files), plan, started, commit_url)
+
+
+def write_side_files(directory: Path, inputs: Inputs, opts: MergeOptions, plan: Plan) -> list[str]:
+    """config.json (the plan's quantization_config, if any), generation and tokenizer files, the model card."""
+    config = {k: v for k, v in inputs.base.config.items() if k != "quantization_config"}
+    files = write_model_files(directory, config, plan.dtype, plan.config_updates, inputs.side_sources())
+    if inputs.adapter is not None or opts.quantize is not None:
+        write_model_card(directory, *card(inputs, opts))
+        files.append("README.md")
+    return files
+
+
+def read_bytes(plan: Plan) -> dict[str, int]:
+    """What computing each output tensor reads, by its first serialized tensor: how torchrun ranks share the work."""
+    return {t.serialized[0].name: t.source.nbytes for t in plan.tensors}
 
 
 def card(inputs: Inputs, opts: MergeOptions) -> tuple[str, str | None, dict[str, str], str]:

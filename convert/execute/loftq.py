@@ -30,11 +30,11 @@ def run_loftq(
     settings: Settings,
     device: torch.device,
     step: Callable[[int], None],
-) -> list[tuple[float, float]]:
+) -> dict[str, tuple[float, float]]:
     """Write every tensor of ``parts`` (the plan's order, in runs) to the 4-bit base, the adapter and the
-    optional dequantized base; return each target's (LoftQ error, plain 4-bit error)."""
+    optional dequantized base; return each target's (LoftQ error, plain 4-bit error), in the plan's order."""
     base_writer, adapter_writer, deq_writer = writers
-    errors: list[tuple[float, float]] = []
+    errors: dict[str, tuple[float, float]] = {}
     for info, weight in (pair for part in parts for pair in stream(part, plan.roles)):
         role = plan.roles[info.name]
         if role == "copy":
@@ -49,7 +49,7 @@ def run_loftq(
                 a, b = adapter_names(plan.targets[info.name])
                 adapter_writer.write(a, result["A"].cpu())
                 adapter_writer.write(b, result["B"].cpu())
-                errors.append((result["error"], result["quant_error"]))
+                errors[info.name] = (result["error"], result["quant_error"])
             if deq_writer is not None:
                 deq_writer.write(info.name, dequantize_4bit(q, DTYPES[info.dtype]).cpu())
         step(1)

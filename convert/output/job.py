@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib.metadata
 import resource
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -45,36 +45,65 @@ class OutputJob:
 
     def __enter__(self) -> OutputJob:
         try:
-            if self.options.push_to_hub:
-                self.upload = Upload(self.options.push_to_hub, self.dir, self.options.token)
+            self.upload = start_upload(self.options, self.dir)
         except BaseException as e:
             self._abort(e)
             raise
         return self
+
+    @property
+    def lead(self) -> bool:
+        """Whether this process writes the side files (index, config, card) and publishes: the only process
+        here; rank 0 under torchrun (``convert.output.ranks.RankedJob``)."""
+        return True
+
+    def gather(self, value: object) -> list:
+        """Every process's ``value``: this one's alone (torchrun ranks: all of theirs, in rank order)."""
+        return [value]
 
     def __exit__(self, kind, error, traceback) -> bool:
         if error is not None:
             self._abort(error)
         return False
 
-    def shards(self, planned: list[PlannedTensor], shard_bytes: int, subdir: str = "") -> ShardWriter:
+    def shards(
+        self,
+        planned: list[PlannedTensor],
+        shard_bytes: int,
+        subdir: str = "",
+        *,
+        read_bytes: dict[str, int] | None = None,
+        rework_kept: bool = False,
+        elsewhere: Collection[str] = (),
+    ) -> ShardWriter:
         """A writer of shards into the output (or its ``subdir``). Shards at the top level are journaled for
         ``--resume`` and uploaded as each completes; a subdirectory's (an adapter, a second model) are written
-        again by a resumed run and uploaded at the commit."""
+        again by a resumed run and uploaded at the commit.
+
+        The keywords say how to share the shards between torchrun ranks (``RankedJob``; one process has
+        nothing to share): ``read_bytes`` is what computing each tensor reads (keyed by its first serialized
+        tensor), ``rework_kept`` that a resume still computes the tensors of kept shards (LoftQ's adapter),
+        ``elsewhere`` the subdirectory's tensors other ranks write."""
         directory = self.dir / subdir
         directory.mkdir(parents=True, exist_ok=True)
         if subdir:
-            writer = ShardWriter(directory, planned, shard_bytes)
+            writer = self._shared_writer(directory, planned, shard_bytes, elsewhere)
         else:
-            on_shard = each(self.stage.shard_done, self.upload and self.upload.file_done)
-            writer = ShardWriter(directory, planned, shard_bytes, on_shard, done=self.stage.done)
+            writer = self._shard_writer(planned, shard_bytes, read_bytes or {}, rework_kept)
         self.writers.append(writer)
         return writer
+
+    def _shard_writer(self, planned: list[PlannedTensor], shard_bytes: int, read: dict, rework: bool) -> ShardWriter:
+        on_shard = each(self.stage.shard_done, self.upload and self.upload.file_done)
+        return ShardWriter(self.dir, planned, shard_bytes, on_shard, done=self.stage.done)
+
+    def _shared_writer(self, where: Path, planned: list[PlannedTensor], size: int, others: Collection) -> ShardWriter:
+        return ShardWriter(where, planned, size, elsewhere=others)
 
     @contextmanager
     def progress(self, total: int, unit: str, desc: str) -> Iterator[Callable[[int], None]]:
         """A progress bar on a terminal (none with ``--quiet``); each step is also a fault-injection point."""
-        show = not self.options.quiet and sys.stderr.isatty()
+        show = self.lead and not self.options.quiet and sys.stderr.isatty()
         scaled = unit == "B"
         with tqdm(total=total, unit=unit, unit_scale=scaled, unit_divisor=1024, disable=not show, desc=desc) as bar:
 
@@ -100,6 +129,11 @@ class OutputJob:
         if self.upload is not None:
             self.upload.abort()
         self.stage.abort(error)
+
+
+def start_upload(options: OutputOptions, directory: Path) -> Upload | None:
+    """The Hub upload of ``--push-to-hub`` (creating the repo: a bad token or repo id fails before any work)."""
+    return Upload(options.push_to_hub, directory, options.token) if options.push_to_hub else None
 
 
 def option_sizes(**sizes: int | str) -> dict[str, int]:

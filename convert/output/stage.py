@@ -34,7 +34,14 @@ Adopting it in a command (as ``convert.commands.merge`` does)::
 ``CONVERT_FAULT`` (tests only) kills the process with SIGKILL at a named point,
 ``point`` or ``point:N`` for its N-th passage: ``job`` (after a pipeline job, i.e.
 inside a shard), ``after-shard`` (a shard journaled), ``before-rename``,
-``after-rename``. The fault-injection suite uses it to crash at exact places.
+``after-rename``. The fault-injection suite uses it to crash at exact places;
+``CONVERT_FAULT_RANK=k`` limits it to rank k of a torchrun run.
+
+Under torchrun (``convert.output.ranks``) rank 0 holds the lock and the journal; every other
+rank journals the shards it writes into ``journal.rank<k>.jsonl`` beside it (one writer per
+file, so nothing depends on ``O_APPEND`` or locks across machines). ``read_journal`` reads
+them all, and a resumed run folds them back into ``journal.jsonl``, so a resume keeps every
+finished shard whatever the number of ranks before and now.
 """
 
 from __future__ import annotations
@@ -126,7 +133,8 @@ def fault_point(name: str) -> None:
     if not spec:
         return
     point, _, count = spec.partition(":")
-    if point != name:
+    rank = os.environ.get("RANK", "0")
+    if point != name or os.environ.get("CONVERT_FAULT_RANK", rank) != rank:
         return
     with _fault_lock:
         _fault_counts[name] = _fault_counts.get(name, 0) + 1
@@ -227,6 +235,7 @@ class Stage:
     _journaler: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "convert-journal"))
     _pending: list[Future] = field(default_factory=list)
     _lock_fd: int = -1  # the flock on ``partial``, held from open_stage to publish or abort
+    journal: str = JOURNAL  # where this process journals its shards (``rank_journal`` for torchrun's other ranks)
 
     @property
     def dir(self) -> Path:
@@ -239,7 +248,7 @@ class Stage:
     def _journal(self, name: str) -> None:
         path = self.dir / name
         fsync_path(path)
-        _append(self.partial / JOURNAL, {"shard": name, "size": path.stat().st_size, "digest": file_digest(path)})
+        _append(self.partial / self.journal, {"shard": name, "size": path.stat().st_size, "digest": file_digest(path)})
         fault_point("after-shard")
 
     def wait(self) -> None:
@@ -320,21 +329,49 @@ def _append(journal: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
+def rank_journal(rank: int) -> str:
+    """The journal file of torchrun rank ``rank`` > 0 (rank 0 journals into ``JOURNAL``)."""
+    return f"journal.rank{rank}.jsonl"
+
+
+def rank_journals(partial: Path) -> list[Path]:
+    return sorted(partial.glob("journal.rank*.jsonl"))
+
+
 def read_journal(partial: Path) -> tuple[dict | None, dict[str, dict]]:
-    """(fingerprint record, {shard: record}) of a partial directory; a torn last line (a kill mid-append) is ignored."""
-    try:
-        lines = (partial / JOURNAL).read_text().splitlines()
-    except FileNotFoundError:
+    """(fingerprint record, {shard: record}) of a partial directory, the other ranks' journals included; a torn
+    last line (a kill mid-append) is ignored."""
+    records = _records(partial / JOURNAL)
+    if not records or "fingerprint" not in records[0]:
         return None, {}
+    shards = [r for path in [partial / JOURNAL, *rank_journals(partial)] for r in _records(path) if "shard" in r]
+    return records[0], {r["shard"]: r for r in shards}
+
+
+def _records(journal: Path) -> list[dict]:
+    try:
+        lines = journal.read_text().splitlines()
+    except FileNotFoundError:
+        return []
     records = []
     for line in lines:
         try:
             records.append(json.loads(line))
         except ValueError:
             break
-    if not records or "fingerprint" not in records[0]:
-        return None, {}
-    return records[0], {r["shard"]: r for r in records[1:] if "shard" in r}
+    return records
+
+
+def _fold_rank_journals(partial: Path, fingerprint: dict, kept: dict[str, dict]) -> None:
+    """Rewrite ``journal.jsonl`` as the fingerprint and the kept shards, then drop the ranks' journals: the
+    ranks of this run journal afresh (a kill in between leaves duplicates of kept records, which are harmless)."""
+    temporary = partial / (JOURNAL + ".tmp")
+    temporary.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in [fingerprint, *kept.values()]))
+    fsync_path(temporary)
+    temporary.rename(partial / JOURNAL)
+    for path in rank_journals(partial):
+        path.unlink()
+    fsync_path(partial)
 
 
 def _lock(partial: Path) -> int:
@@ -419,6 +456,8 @@ def _open_stage(stage: Stage, resume: bool, overwrite: bool, needed_bytes: int |
                 "was, or pass --overwrite without --resume to start over"
             )
         done = _kept_shards(stage, journaled)
+        if rank_journals(partial):
+            _fold_rank_journals(partial, old, done)
         if needed_bytes is not None:
             check_free_space(partial, max(0, needed_bytes - sum(r["size"] for r in done.values())), f"the output {out}")
         for path in stage.dir.iterdir():
@@ -436,6 +475,12 @@ def _open_stage(stage: Stage, resume: bool, overwrite: bool, needed_bytes: int |
     _append(partial / JOURNAL, stage.fingerprint)
     fsync_path(partial)
     fsync_path(partial.parent)
+
+
+def follower_stage(out: Path, record: dict, done: dict[str, dict], rank: int) -> Stage:
+    """The staging area rank 0 opened, as another torchrun rank writes into it: no lock (rank 0 holds it), its
+    own journal; it never publishes, and cleaning up after an error is rank 0's (``convert.output.job``)."""
+    return Stage(out, partial_path(out), record, dict(done), journal=rank_journal(rank))
 
 
 def _model_stat(record: dict) -> os.stat_result:

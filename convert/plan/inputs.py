@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from convert.execute.decode import check_layouts
+from convert.output.ranks import world_size
 from formats.adapter import Adapter, open_adapter
 from formats.checkpoint import INDEX_NAMES, Checkpoint, open_checkpoint
 from formats.errors import ConvertError
-from formats.hub import HubModel, fetch_adapter, open_hub_model, parse_repo_id
+from formats.hub import HubModel, delete_cached, fetch_adapter, open_hub_model, parse_repo_id
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Inputs:
     adapter_dir: Path | None = None
     adapter_repo: str | None = None
     hub: HubModel | None = None
+    delete_at_close: bool = False  # torchrun + --no-keep-downloads: delete once every rank is done reading
 
     def files(self) -> list[Path]:
         """Every local input file whose bytes reach the output: what a resumed run must find unchanged.
@@ -69,6 +71,9 @@ class Inputs:
     def close(self) -> None:
         if self.hub is not None:
             self.hub.close()
+            if self.delete_at_close:
+                for path in sorted(self.hub.downloaded):
+                    delete_cached(path)
 
 
 def open_inputs(
@@ -91,7 +96,10 @@ def open_inputs(
     if out is not None:
         local = [Path(p) for p, repo in ((base, base_repo), (adapter, adapter_repo)) if p is not None and not repo]
         check_paths(local, out, overwrite)
-    hub = open_hub_model(str(base), revision, token, keep_downloads) if base_repo else None
+    # Under torchrun, ranks on one machine share the Hub cache and may read the same base shard: one rank
+    # deleting it after its last use could pull it from under another, so downloads go at the end instead.
+    deferred = not keep_downloads and world_size() > 1
+    hub = open_hub_model(str(base), revision, token, keep_downloads or deferred) if base_repo else None
     try:
         base_dir = hub.directory if hub else Path(base)
         adapter_dir = Path(adapter) if adapter is not None and not adapter_repo else None
@@ -106,7 +114,7 @@ def open_inputs(
         if hub is not None:
             hub.close()
         raise
-    return Inputs(ckpt, base_dir, peft, adapter_dir, adapter_repo[0] if adapter_repo else None, hub)
+    return Inputs(ckpt, base_dir, peft, adapter_dir, adapter_repo[0] if adapter_repo else None, hub, deferred)
 
 
 def check_paths(inputs: list[Path], out: Path, overwrite: bool) -> None:

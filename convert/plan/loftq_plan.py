@@ -56,6 +56,7 @@ class LoftQPlan:
     dtype: str  # the base's main float dtype: config.json's dtype and the 4-bit compute dtype
     linear: list[str]  # in-memory path of every quantized Linear module (targets or not)
     task_type: str | None  # PEFT's task type for the model class (None: a plain PeftModel)
+    parts: dict[str, list[str]]  # base tensor -> the 4-bit base's tensors it is written as (first: the weight)
 
 
 def build_plan(ckpt: Checkpoint, target_modules: str | list[str], settings: Settings) -> LoftQPlan:
@@ -65,7 +66,7 @@ def build_plan(ckpt: Checkpoint, target_modules: str | list[str], settings: Sett
     linear = set(linear_by_module.values())
     roles = {n: "loftq" if n in targets else "quant" if n in linear else "copy" for n in ckpt.tensors}
     order = sorted(ckpt.tensors.values(), key=lambda t: (str(t.path), t.offset))
-    base, adapter = [], []
+    base, adapter, parts = [], [], {}
     for info in order:
         if roles[info.name] == "loftq" and settings.rank > min(info.shape):
             raise ConvertError(
@@ -73,9 +74,11 @@ def build_plan(ckpt: Checkpoint, target_modules: str | list[str], settings: Sett
                 f"shape {list(info.shape)}; choose --rank {min(info.shape)} or less, or other --target-modules"
             )
         if roles[info.name] == "copy":
-            base.append(PlannedTensor(info.name, info.dtype, info.shape))
+            written = [PlannedTensor(info.name, info.dtype, info.shape)]
         else:
-            base += bnb.serialized_tensors(info.name, info.shape, info.dtype, settings.spec)
+            written = bnb.serialized_tensors(info.name, info.shape, info.dtype, settings.spec)
+        base += written
+        parts[info.name] = [t.name for t in written]
         if roles[info.name] == "loftq":
             a, b = adapter_names(targets[info.name])
             adapter += [
@@ -85,7 +88,7 @@ def build_plan(ckpt: Checkpoint, target_modules: str | list[str], settings: Sett
     float_dtypes = Counter(t.dtype for t in order if t.dtype in FLOAT_DTYPES)
     dtype = float_dtypes.most_common(1)[0][0] if float_dtypes else "F32"
     task = architecture.peft_task_type(architecture.for_checkpoint(ckpt))
-    return LoftQPlan(order, roles, targets, base, adapter, dtype, sorted(linear_by_module), task)
+    return LoftQPlan(order, roles, targets, base, adapter, dtype, sorted(linear_by_module), task, parts)
 
 
 def check_settings(

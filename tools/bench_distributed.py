@@ -1,0 +1,172 @@
+"""Benchmark `convert merge` under torchrun: throughput per rank against one process, on the same data.
+
+    python tools/bench_distributed.py [--shape small|tinyllama|8b] [--ranks 1,2,4] [--device cpu|cuda]
+                                      [--repeats 3] [--storage-gbps 10] [--gpus-per-node 8]
+                                      [--workdir /tmp/bench-distributed] [--results tools/results/distributed.md]
+
+Builds a synthetic bf16 Llama-shaped base and an r=16 all-linear LoRA adapter (``bench_merge.build``, at the
+chosen shape: ``small`` is ~0.24 GB, for a 2-core machine; ``8b`` the Llama-3-8B shape, 16 GB), then times,
+with the page cache warm and `sync` before each run, whole processes of
+  * `convert merge` in one process,
+  * `torchrun --standalone --nproc-per-node N -m convert.cli merge` for each N > 1 of ``--ranks``
+    (gloo ranks on the CPU; with ``--device cuda`` the ranks take a GPU each, or share them),
+with output shards of 1/16 of the model, so that every rank owns several. Throughput counts the bytes read
+(base + adapter) and written (the output) per second, of the whole processes' wall time and of the command's
+own time (rank 0's summary: from opening the inputs to the publish, after every rank is done; without the
+~2 s of Python, torch and transformers start-up that each process pays, which dominates a small model); per
+rank, divided by N. Scaling efficiency is T1 / (N * TN). Every output is checked byte-identical to the
+one-process run's.
+
+The model of a 405B merge (810 GB of bf16 read and 810 GB written) on N nodes of G ranks:
+time = bytes / min(N * G * per-rank throughput, storage bandwidth), with the one-process throughput measured
+here as the per-rank throughput (a rank with its own GPU or cores) and the storage bandwidth given by
+``--storage-gbps`` (GB/s, 10**9 bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import os
+import platform
+import re
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+import bench_merge  # noqa: E402  (its synthetic model, `timed` and page-cache warming)
+
+SHAPES = {  # hidden, layers, intermediate, vocab, heads, kv heads
+    "small": (1024, 8, 2816, 16000, 32, 4),
+    "tinyllama": (2048, 22, 5632, 32000, 32, 4),
+    "8b": (4096, 32, 14336, 128256, 32, 8),
+}
+MODEL_405B_BYTES = 2 * 810e9  # read and written once
+
+
+def use_shape(name: str) -> None:
+    """Point ``bench_merge``'s model builder at one of ``SHAPES``."""
+    hidden, layers, inter, vocab, heads, kv = SHAPES[name]
+    bench_merge.HIDDEN, bench_merge.LAYERS, bench_merge.INTER, bench_merge.VOCAB = hidden, layers, inter, vocab
+    bench_merge.HEADS, bench_merge.KV_HEADS = heads, kv
+    kv_out = hidden * kv // heads
+    bench_merge.PROJ = {
+        "self_attn.q_proj": (hidden, hidden),
+        "self_attn.k_proj": (kv_out, hidden),
+        "self_attn.v_proj": (kv_out, hidden),
+        "self_attn.o_proj": (hidden, hidden),
+        "mlp.gate_proj": (inter, hidden),
+        "mlp.up_proj": (inter, hidden),
+        "mlp.down_proj": (hidden, inter),
+    }
+
+
+def merge_command(ranks: int, base: Path, adapter: Path, out: Path, device: str, shard: int) -> list[str]:
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)]
+    args = ["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out), "--device", device]
+    args += ["--max-shard-size", str(shard)]  # rank 0's summary line says how long the command itself took
+    return [sys.executable, *(launcher if ranks > 1 else []), "-m", "convert.cli", *args]
+
+
+def digest(path: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir()) if p.is_file()}
+
+
+def model_rows(per_rank: float, gpus_per_node: int, storage: float) -> list[str]:
+    rows = ["| nodes | ranks | ranks' GB/s | storage GB/s | bound by | 405B merge |", "|---|---|---|---|---|---|"]
+    for nodes in (1, 2, 4, 8, 16):
+        compute = nodes * gpus_per_node * per_rank
+        rate = min(compute, storage)
+        minutes = MODEL_405B_BYTES / rate / 60
+        bound = "ranks" if compute < storage else "storage"
+        rows.append(f"| {nodes} | {nodes * gpus_per_node} | {compute / 1e9:.1f} | {storage / 1e9:.1f} | {bound} "
+                    f"| {minutes:.1f} min |")  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=list(SHAPES), default="small")
+    parser.add_argument("--ranks", default="1,2,4")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--storage-gbps", type=float, default=10.0, help="storage bandwidth of the model, GB/s")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node in the model")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-distributed"))
+    parser.add_argument("--results", type=Path, default=ROOT / "tools" / "results" / "distributed.md")
+    args = parser.parse_args()
+    counts = sorted({int(n) for n in args.ranks.split(",")} | {1})
+
+    use_shape(args.shape)
+    base, adapter = bench_merge.build(args.workdir / args.shape)
+    bench_merge.BASE_FILES[:] = sorted(base.glob("*.safetensors"))
+    base_bytes = sum(f.stat().st_size for f in bench_merge.BASE_FILES)
+    read = base_bytes + (adapter / "adapter_model.safetensors").stat().st_size
+    shard = base_bytes // 16 + 1
+    out = args.workdir / "out"
+    walls: dict[int, float] = {}
+    inside: dict[int, float] = {}
+    expected: dict[str, str] | None = None
+    moved = 0
+    for n in counts:
+        runs, own = [], []
+        for _ in range(args.repeats):
+            seconds, _, stdout = bench_merge.timed(merge_command(n, base, adapter, out, args.device, shard), out)
+            runs.append(seconds)
+            own.append(float(re.search(r" in ([0-9.]+) s, peak RSS", stdout).group(1)))
+            got = digest(out)
+            expected = expected or got
+            if got != expected:
+                raise SystemExit(f"{n} ranks: output differs from the one-process run")
+        walls[n], inside[n] = statistics.median(runs), statistics.median(own)
+        moved = read + sum((out / f).stat().st_size for f in got)
+        print(f"{n} rank(s): {walls[n]:.2f} s wall, {inside[n]:.2f} s in the command (runs {runs}, {own})", flush=True)
+
+    cores = os.cpu_count()
+    lines = [
+        "# convert merge under torchrun: throughput per rank",
+        "",
+        f"{datetime.date.today()}, {platform.node() or 'vm'}: {cores} cores, torch {torch.__version__}, "
+        f"--device {args.device}, median of {args.repeats}, page cache warm.",
+        "",
+        f"Shape `{args.shape}` (hidden, layers, intermediate, vocab, heads, kv heads = {SHAPES[args.shape]}), bf16, "
+        f"r=16 all-linear LoRA; {read / 1e9:.2f} GB read, {(moved - read) / 1e9:.2f} GB written, "
+        f"{len(expected)} output files (shards of {shard / 1e6:.0f} MB). Every output byte-identical to the "
+        "one-process run's.",
+        "",
+        "| ranks | wall s | command s | GB/s (read + written), command | GB/s per rank | scaling efficiency, "
+        "command (wall) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n in counts:
+        rate = moved / inside[n]
+        lines.append(f"| {n} | {walls[n]:.2f} | {inside[n]:.2f} | {rate / 1e9:.3f} | {rate / n / 1e9:.3f} | "
+                     f"{inside[1] / (n * inside[n]):.2f} ({walls[1] / (n * walls[n]):.2f}) |")  # fmt: skip
+    per_rank = moved / inside[1]  # a rank with a machine (its GPU, its cores) to itself, as in a cluster
+    shared = moved / inside[counts[-1]] / counts[-1]
+    lines += [
+        "",
+        f"Model of a 405B merge (810 GB bf16 read + 810 GB written) with {args.gpus_per_node} ranks a node, each at "
+        f"the one-process throughput measured here ({per_rank / 1e9:.3f} GB/s: a rank with its own GPU or cores), "
+        f"and storage of {args.storage_gbps:g} GB/s: time = bytes / min(nodes * ranks * per-rank, storage). (The "
+        f"{counts[-1]}-rank run's per-rank figure, {shared / 1e9:.3f} GB/s, is that of ranks sharing this machine's "
+        f"{os.cpu_count()} cores.)",
+        "",
+        *model_rows(per_rank, args.gpus_per_node, args.storage_gbps * 1e9),
+        "",
+    ]
+    text = "\n".join(lines)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
