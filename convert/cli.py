@@ -278,6 +278,9 @@ def entry() -> None:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if not isinstance(e.code, int | None):
             click.echo(e.code, err=True)
+    ranks = sys.modules.get("convert.output.ranks")  # under torchrun: leave the process group cleanly
+    if ranks is not None:
+        ranks.leave()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -200,11 +200,15 @@ def _join(device: str) -> Ranks:
     dist.init_process_group(backend, store=dist.PrefixStore("convert-pg", store), rank=rank, world_size=world,
                             timeout=timeout)  # fmt: skip
     group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
-    atexit.register(_leave)
+    atexit.register(leave)
     return Ranks(rank, world, group, store)
 
 
-def _leave() -> None:
+def leave() -> None:
+    """Destroy the process group, if this process joined one (at exit; the console script calls it itself,
+    since its fast exit runs no ``atexit`` handler)."""
+    if not _CURRENT:
+        return
     import torch.distributed as dist
 
     if dist.is_initialized():
