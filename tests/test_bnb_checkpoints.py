@@ -376,7 +376,8 @@ def test_cuda_quantized_in_and_out(models, tmp_path) -> None:
 
     adapter = models["adapter"]
     dora = make_dora_adapter(tmp_path / "dora", models["base16"], r=4, lora_alpha=8, target_modules="all-linear")
-    for kind, delta in (("nf4-dq", adapter), ("nf4", adapter), ("fp4-dq", adapter), ("nf4-dq", dora)):
+    kinds = (("nf4-dq", adapter), ("nf4", adapter), ("fp4-dq", adapter), ("nf4-dq", dora), ("int8", adapter))
+    for kind, delta in kinds:
         # the codes go to the GPU as stored; the merge kernel dequantizes them tile by tile
         merge(models[kind], delta, tmp_path / "cuda", device="cuda", dtype="bf16", overwrite=True)
         merge(models[kind], delta, tmp_path / "cpu", device="cpu", dtype="bf16", overwrite=True)

@@ -142,3 +142,35 @@ def test_gpu_jobs_are_16_row_multiples_and_prefetch_follows_them(tmp_path, monke
     expected = [(j.out.source.offset + j.start * j.out.source.row_bytes, (j.stop - j.start) * j.out.source.row_bytes)
                 for j in jobs]  # fmt: skip
     assert calls == expected
+
+
+@pytest.mark.parametrize("kind", ["bf16", "nf4-dq", "int8", "fp8"])
+def test_the_gpu_readers_slots_decode_to_the_rows_the_cpu_reads(kind, tmp_path) -> None:
+    """The GPU pipeline's host side on any machine: what each job's reader puts in its slot (16-bit rows, 4-bit
+    codes and absmax, FP8 values and scales, or rows its reader dequantized: LLM.int8 in fp32), viewed as the
+    compute stage views it, is the rows ``decode.read_rows`` gives the CPU workers, in chunks that start inside
+    quantization blocks."""
+    from convert.execute import gpu
+    from convert.execute.decode import read_rows
+    from convert.kernels.merge_triton import Packed4bit, dequantize_reference
+    from tests.helpers import SIZES64, fp8_checkpoint, make_adapter, make_base64, quantize_with_transformers
+
+    base16 = make_base64(tmp_path / "base16")
+    base = {
+        "bf16": lambda: base16,
+        "fp8": lambda: fp8_checkpoint(base16, tmp_path / "fp8", split_scales=True),
+    }.get(kind, lambda: quantize_with_transformers(base16, tmp_path / kind, kind))()
+    adapter = make_adapter(tmp_path / "adapter", base16, r=4, lora_alpha=8, target_modules="all-linear")
+    plan = build_plan(open_checkpoint(base), open_adapter(adapter))
+    adapted = [t for t in plan.tensors if gpu.on_gpu(t)]
+    assert len(adapted) == 14 and SIZES64["hidden_size"] == 64
+    jobs = gpu.gpu_jobs(adapted, 48 * 64)  # 48-row chunks: starts inside 32-row FP8 blocks
+    assert any(job.work.start % 32 for job in jobs)
+    for job in jobs:
+        host = torch.zeros(job.sizes[0], dtype=torch.uint8)
+        gpu.read_input(job, host)
+        rows = gpu.device_rows(job, host[: job.input_bytes], torch.device("cpu"))
+        if isinstance(rows, Packed4bit):
+            rows = dequantize_reference(rows)
+        expected = read_rows(job.work.out.source, job.work.start, job.work.stop)
+        assert rows.dtype == expected.dtype and torch.equal(rows, expected), (kind, job.work)

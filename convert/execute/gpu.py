@@ -127,7 +127,13 @@ def input_parts(work: Work, layout: bnb.Packed4bit | fp8.BlockFP8 | None) -> tup
     if isinstance(layout, fp8.BlockFP8):
         first = Part(0, n)
         return first, Part(aligned(n), 4 * scale_count(layout, work.start, work.stop))
-    return (Part(0, n * DTYPES[work.out.source.dtype].itemsize),)
+    return (Part(0, n * host_dtype(work).itemsize),)
+
+
+def host_dtype(work: Work) -> torch.dtype:
+    """The dtype 16/32-bit input rows reach the host in: the stored one, or fp32 for an LLM.int8 weight (its
+    reader dequantizes it to the fp32 values PEFT merges into, whatever the model's dtype)."""
+    return torch.float32 if isinstance(work.out.source.layout, bnb.Int8Rows) else DTYPES[work.out.source.dtype]
 
 
 def scale_count(q: fp8.BlockFP8, start: int, stop: int) -> int:
@@ -274,7 +280,7 @@ def device_rows(job: GpuJob, raw: torch.Tensor, device: torch.device):
         scales = at[1].view(torch.float32)
         scales = scales.view(-1, -(-rows[1] // q.block[1])) if q.block else scales.reshape(())
         return fp8_kernel.dequantize(values, scales, q.block, work.start, q.dtype)
-    return at[0].view(DTYPES[work.out.source.dtype]).view(rows)
+    return at[0].view(host_dtype(work)).view(rows)
 
 
 def transformed(job: GpuJob, base, result: torch.Tensor, factors: DeviceFactors | None) -> torch.Tensor:
