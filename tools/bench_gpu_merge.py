@@ -2,7 +2,9 @@
 and the `cp` floor, and the fused kernels against a device-to-device copy, all in one run on the GPU machine.
 
     python tools/bench_gpu_merge.py [--shape 8b|1b] [--workdir /tmp/bench-gpu] [--kernels] [--no-merge]
-                                    [--runs all|cp,startup,lora,dora,nf4-lora,nf4-dora,lora-no-readahead]
+                                    [--runs all|cp,startup,lora,dora,nf4-lora,nf4-dora,lora-no-readahead,
+                                            quantize-nf4,quantize-fp4,quantize-int8,lora-quantize-nf4,loftq]
+                                    [--no-warmup]
                                     [--reference both|lora|none|all]
                                     [--results tools/results/bench_gpu_merge.md] [--also-to $OUT/bench.md]
 
@@ -64,6 +66,9 @@ SHAPES = {  # hidden, layers, intermediate, vocab, heads, kv heads
     "8b": (4096, 32, 14336, 128256, 32, 8),
     "1b": (2048, 22, 5632, 32000, 32, 4),
 }
+# The warm-up models: one layer of the same widths and a small vocabulary, so that every kernel specialization a
+# timed run needs is compiled (and the start-up profile written) before the first timed run.
+SHAPES |= {f"{k}-warmup": (h, 1, i, 256, heads, kv) for k, (h, _, i, _, heads, kv) in SHAPES.items()}
 RANK, ALPHA = 16, 32
 PROJS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 NF4 = bnb.QuantSpec("nf4", blocksize=64, double_quant=True, quant_storage="uint8")  # the CLI's --quantize nf4
@@ -495,9 +500,7 @@ def run_merge(run: Run, args: argparse.Namespace, cp_s: float | None, sample: li
     """`convert merge --device cuda` for one configuration, then its reference when --reference selects it;
     returns the wall seconds for the summary json."""
     out, ref_out = args.workdir / "out", args.workdir / "ref"
-    cmd = [sys.executable, "-m", "convert.cli", run.command, "--base", str(run.base), *run.args]
-    cmd += ["--adapter", str(run.adapter)] if run.adapter else []
-    t = timed([*cmd, "--out", str(out), "--device", "cuda"], out, run.env)
+    t = timed(command_line(run, out), out, run.env)
     walls = {f"convert_{run.label.replace(' ', '_')}_s": t.total_s}
     report(row(f"convert {run.command} --device cuda, {run.label}", t, cp_s))
     report(summary_comment(run.label, t))
@@ -585,14 +588,35 @@ def summary(walls: dict[str, float], cp_s: float | None, report: Report) -> None
     report("- " + json.dumps({"cp_s": cp_s, **walls}))
 
 
+def command_line(run: Run, out: Path) -> list[str]:
+    cmd = [sys.executable, "-m", "convert.cli", run.command, "--base", str(run.base), *run.args]
+    return [*cmd, *(["--adapter", str(run.adapter)] if run.adapter else []), "--out", str(out), "--device", "cuda"]
+
+
+def warm_up(args: argparse.Namespace, report: Report) -> None:
+    """Run every selected command once, untimed, on a one-layer model of the same widths: what a user's second run
+    finds (Triton's kernel cache filled, convert's start-up profile written), so that no timed run pays a compile."""
+    started = time.perf_counter()
+    dirs = build(args.workdir / "warmup", f"{args.shape}-warmup")
+    for run in merge_runs(*dirs):
+        if run.key in args.runs:
+            out = args.workdir / "warmup-out"
+            subprocess.run([*command_line(run, out), "-q"], check=True, env={**os.environ, **dict(run.env)})
+            shutil.rmtree(out)
+    shutil.rmtree(args.workdir / "warmup")
+    report(f"<!-- warm-up: each command ran once on a one-layer model of the same widths, untimed "
+           f"({time.perf_counter() - started:.0f} s) -->")  # fmt: skip
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=SHAPES, default="8b")
+    parser.add_argument("--shape", choices=[k for k in SHAPES if not k.endswith("-warmup")], default="8b")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-gpu"))
     parser.add_argument("--results", type=Path, default=ROOT / "tools" / "results" / "bench_gpu_merge.md")
     parser.add_argument("--also-to", type=Path, help="a second copy of the results, appended line by line")
     parser.add_argument("--kernels", action="store_true", help="also benchmark the kernels alone")
     parser.add_argument("--no-merge", action="store_true", help="only the kernels")
+    parser.add_argument("--no-warmup", action="store_true", help="time the first runs with cold kernel caches")
     parser.add_argument("--runs", type=parse_runs, default=list(RUNS),
                         help=f"'all' (default) or a comma-separated subset of {','.join(RUNS)}")  # fmt: skip
     parser.add_argument("--reference", choices=list(REFERENCES), default="both",
@@ -634,6 +658,8 @@ def main() -> None:
     report("| run | wall s (process + sync) | of which sync s | peak RSS GB | read from disk GB | vs cp "
            "| vs reference | max ulp vs reference |")  # fmt: skip
     report("|---|---|---|---|---|---|---|---|")
+    if not args.no_warmup:
+        warm_up(args, report)
     cp_s = floors(args.runs, base, args.workdir, report)
     layers = SHAPES[args.shape][1]
     sample = [f"model.layers.{i}.{p}.weight" for i in (0, layers - 1) for p in projections(args.shape)]
