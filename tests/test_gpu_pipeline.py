@@ -169,8 +169,10 @@ def test_the_gpu_readers_slots_decode_to_the_rows_the_cpu_reads(kind, tmp_path) 
     for job in jobs:
         host = torch.zeros(job.sizes[0], dtype=torch.uint8)
         gpu.read_input(job, host)
-        rows = gpu.device_rows(job, host[: job.input_bytes], torch.device("cpu"))
-        if isinstance(rows, Packed4bit):
-            rows = dequantize_reference(rows)
+        base = gpu.device_rows(job, host[: job.input_bytes], torch.device("cpu"))
+        rows = dequantize_reference(base) if isinstance(base, Packed4bit) else base
         expected = read_rows(job.work.out.source, job.work.start, job.work.stop)
         assert rows.dtype == expected.dtype and torch.equal(rows, expected), (kind, job.work)
+        # without a delta (a plain conversion), the compute stage's rows are the CPU's, cast as the CPU casts them
+        result = torch.empty(expected.shape, dtype=DTYPES["bf16"])
+        assert torch.equal(gpu.transformed(job, base, result, None), expected.to(result.dtype)), (kind, job.work)
