@@ -23,10 +23,15 @@ from formats.safetensors_file import DTYPE_NAMES, DTYPES
 from formats.writer import ShardWriter
 
 
+@dataclass
 class RowSink:
-    """What every sink shares: ``write_rows`` writes the ``pieces`` of rows at once."""
+    """What every sink shares: the weight it writes (the 16-bit ``dtype`` rows arrive in), and ``write_rows``,
+    which writes the ``pieces`` of rows at once; subclasses add their ``spec``."""
 
     writer: ShardWriter
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
 
     def write_rows(self, start: int, rows: torch.Tensor) -> None:
         write_pieces(self.writer, self.pieces(start, rows))
@@ -49,10 +54,6 @@ class StreamingQuantizer(RowSink):
     feed rows here in any order (``quantize_tensor`` does it for a tensor in memory).
     """
 
-    writer: ShardWriter
-    name: str
-    shape: tuple[int, ...]
-    dtype: str  # the 16-bit dtype rows arrive in (and recorded in the quant state)
     spec: QuantSpec
     _absmax: torch.Tensor | None = None
     _rows_left: int = 0
@@ -136,10 +137,6 @@ class FP8Quantizer(RowSink):
     on, so it is quantized and written at once, with no state kept between chunks. Plan
     ``formats.fp8.serialized_tensors(...)`` in a ``ShardWriter`` first, as for ``StreamingQuantizer``."""
 
-    writer: ShardWriter
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
     spec: fp8.FP8Spec
 
     def pieces(self, start: int, rows: torch.Tensor) -> list[Piece]:
@@ -158,10 +155,6 @@ class CompressedQuantizer(RowSink):
     chunk_rows``) holds every value its scales and packed zero-point words depend on, so nothing is kept between
     chunks. ``weight_shape`` is written once, at the start."""
 
-    writer: ShardWriter
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
     spec: compressed_tensors.CompressedSpec
 
     def __post_init__(self) -> None:
@@ -201,10 +194,6 @@ class Mxfp4Quantizer(RowSink):
     """Quantizes one merged experts weight into ``X_blocks`` + ``X_scales``, whole experts at a time (a chunk's
     groups never leave it): nothing is kept between chunks."""
 
-    writer: ShardWriter
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
     spec: mxfp4.Mxfp4Spec
 
     def pieces(self, start: int, rows: torch.Tensor) -> list[Piece]:
