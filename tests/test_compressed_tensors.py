@@ -261,3 +261,12 @@ def test_quantize_same_refuses_schemes_it_cannot_compute_again(args, models, tmp
     assert "model.safetensors" in message and ".weight_scale" in message and repr(value) in message, message
     assert key in message, message
 
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["int4-group-asym", "fp8-block", "fp8-tensor"])
+def test_quantize_same_on_cuda_equals_the_cpu(case, models, tmp_path) -> None:
+    """The GPU pipeline feeds the same sink (``pieces``): its output is the CPU executor's, byte for byte."""
+    for device in ("cpu", "cuda"):
+        merge(models[case], models["adapter"], tmp_path / device, device=device, quantize="same", chunk_size="16KB")
+    assert_same_state(load_output(tmp_path / "cuda"), load_output(tmp_path / "cpu"))

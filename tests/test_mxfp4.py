@@ -200,3 +200,11 @@ def test_quantize_same_writes_mxfp4_again(models, tmp_path) -> None:
 def test_quantize_same_without_adapter_reproduces_the_base(models, tmp_path) -> None:
     merge(models["mxfp4"], None, tmp_path / "out", device="cpu", quantize="same")
     assert_same_state(load_output(tmp_path / "out"), load_file(models["mxfp4"] / "model.safetensors"))
+
+
+@pytest.mark.gpu
+def test_quantize_same_on_cuda_equals_the_cpu(models, tmp_path) -> None:
+    """The GPU pipeline feeds the same sink (``pieces``): its output is the CPU executor's, byte for byte."""
+    for device in ("cpu", "cuda"):
+        merge(models["mxfp4"], models["experts"], tmp_path / device, device=device, quantize="same")
+    assert_same_state(load_output(tmp_path / "cuda"), load_output(tmp_path / "cpu"))
