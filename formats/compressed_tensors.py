@@ -14,6 +14,13 @@ with ``weight_scale`` of shape [1] (tensor), (R, 1) (channel), (R, C / group_siz
 (ceil(R / bm), ceil(C / bn)) (block). ``group_compressed`` folds them into one logical 16-bit tensor per weight
 (``TensorInfo.layout`` a ``CompressedWeight``), dequantized as compressed-tensors' own ``decompress`` does; the
 math is ``convert.kernels.packed_int`` (and ``convert.kernels.fp8`` for blocks). Layouts and I/O only here.
+
+Writing (``--quantize same``): ``spec_of`` says how a merged weight is written again in its base weight's own
+scheme (a ``CompressedSpec``: the base's parts, so the same names, dtypes, shapes and packing), refusing schemes
+whose scales cannot be computed again from the weight alone (an observer other than min-max, activation
+ordering, a ``scale_dtype`` of its own; zero points are int8, as compressed-tensors infers them);
+``serialized_tensors`` / ``chunk_rows`` lay it out as ``formats.fp8``'s do, ``stored_parts`` lists what a weight
+the merge leaves alone is copied as, and the base's ``quantization_config`` is written unchanged.
 """
 
 from __future__ import annotations
@@ -27,11 +34,13 @@ from formats import bnb
 from formats.errors import ConvertError
 from formats.fp8 import output_dtype
 from formats.safetensors_file import DTYPES, TensorInfo, read_tensor
+from formats.writer import PlannedTensor
 
 FORMATS = ("float-quantized", "int-quantized", "naive-quantized", "pack-quantized")
 STRATEGIES = ("tensor", "channel", "group", "block")
 COMPANIONS = (".weight_scale", ".weight_zero_point", ".weight_shape", ".input_scale", ".weight_packed")
 BITS = (4, 8)  # pack-quantized integer widths read here
+OBSERVERS = (None, "minmax", "memoryless_minmax", "static_minmax")  # whose scales --quantize same computes again
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,12 @@ class CompressedWeight:
     shape: tuple[int, int]
     dtype: torch.dtype
     input_scale: TensorInfo | None = None
+    shape_info: TensorInfo | None = None  # weight_shape of a packed weight
+
+    @property
+    def kind(self) -> str:
+        """compressed-tensors' ``type``: "float" (e4m3 values) or "int"."""
+        return "float" if self.values.dtype == "F8_E4M3" else "int"
 
 
 def is_compressed(config: dict) -> bool:
@@ -175,6 +190,66 @@ def _weight(module: str, tensors: dict[str, TensorInfo], scheme: dict, qconfig: 
         zero_point = None  # a symmetric scheme's zero points are zeros (compressed-tensors drops them)
     layout = CompressedWeight(
         values, scale, zero_point, bits, packed, strategy, group_size, block, (rows, cols), DTYPES[dtype],
-        tensors.get(module + ".input_scale"),
+        tensors.get(module + ".input_scale"), tensors.get(module + ".weight_shape") if packed else None,
     )  # fmt: skip
     return bnb.logical(module + ".weight", dtype, (rows, cols), values, layout)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+@dataclass(frozen=True)
+class CompressedSpec:
+    """How one merged weight is written again as its base weight was (``--quantize same``): ``layout``'s scheme
+    and parts (their names, dtypes and shapes)."""
+
+    layout: CompressedWeight
+    method: str = "compressed-tensors"  # what summaries print, as bnb.QuantSpec.method
+
+
+def spec_of(info: TensorInfo, config: dict) -> CompressedSpec:
+    """The spec a merged ``info`` (a ``CompressedWeight``) is written with; a ``ConvertError`` naming the file and
+    tensor for a scheme whose scales could not be computed again from the merged weight as the base's were."""
+    layout = info.layout
+    scale = layout.scale
+    module = scale.name.removesuffix(".weight_scale")
+    args = _scheme(module, config["quantization_config"].get("config_groups") or {}, scale).get("weights") or {}
+    where = f"{scale.path}: tensor '{scale.name}': --quantize same"
+    if args.get("observer") not in OBSERVERS:
+        raise ConvertError(
+            f"{where}: weights quantized with observer {args['observer']!r} cannot be quantized again (its scales "
+            "are not the min-max of the weight; minmax is supported)"
+        )
+    for unsupported in ("actorder", "scale_dtype"):  # GPTQ's column order; scales rounded to a dtype of their own
+        if args.get(unsupported) not in (None, False):
+            raise ConvertError(f"{where}: weights with {unsupported} {args[unsupported]!r} are not supported")
+    return CompressedSpec(layout)
+
+
+def stored_parts(layout: CompressedWeight) -> list[TensorInfo]:
+    """The base tensors one weight is stored as, in checkpoint order: what an unchanged weight is copied as."""
+    parts = [layout.values, layout.shape_info, layout.scale, layout.zero_point, layout.input_scale]
+    return [p for p in parts if p is not None]
+
+
+def serialized_tensors(name: str, shape: tuple[int, ...], dtype: str, spec: CompressedSpec) -> list[PlannedTensor]:
+    """The tensors a merged weight ``name`` is saved as: its base weight's values (packed), shape, scales and zero
+    points, with the same names, dtypes and shapes (``input_scale`` is copied apart; ``dtype``, the 16-bit dtype
+    rows arrive in, is unused: the signature is ``formats.bnb.serialized_tensors``')."""
+    layout = spec.layout
+    if tuple(shape) != layout.shape:
+        raise ConvertError(f"tensor '{name}': shape {list(shape)} is not its base weight's {list(layout.shape)}")
+    parts = [p for p in stored_parts(layout) if p is not layout.input_scale]
+    return [PlannedTensor(p.name, p.dtype, p.shape) for p in parts]
+
+
+def chunk_rows(shape: tuple[int, ...], spec: CompressedSpec) -> int:
+    """Row granularity of a chunk: whole block rows, the whole tensor for one scale, whole words of row-packed zero
+    points, else one row (channel and group scales are per row)."""
+    layout = spec.layout
+    if layout.strategy == "tensor":
+        return shape[0]
+    if layout.block is not None:
+        return layout.block[0]
+    return 32 // layout.num_bits if layout.packed and layout.zero_point is not None else 1

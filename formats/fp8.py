@@ -156,9 +156,10 @@ def spec_of(tensors: dict[str, TensorInfo]) -> FP8Spec | None:
 
 
 def layout_module(spec: object):
-    """The module whose ``serialized_tensors`` / ``chunk_rows`` lay out outputs quantized with ``spec``: this one
-    for an ``FP8Spec``, ``formats.bnb`` for a bitsandbytes ``QuantSpec``."""
-    return sys.modules[__name__] if isinstance(spec, FP8Spec) else bnb
+    """The module whose ``serialized_tensors`` / ``chunk_rows`` lay out outputs quantized with ``spec``: the one
+    that defines its class (this one for an ``FP8Spec``, ``formats.bnb`` for a ``QuantSpec``,
+    ``formats.compressed_tensors`` / ``formats.mxfp4`` for theirs)."""
+    return sys.modules[type(spec).__module__]
 
 
 def scale_name(name: str) -> str:

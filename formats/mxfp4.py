@@ -8,8 +8,13 @@ An experts weight ``X`` (``model.layers.N.mlp.experts.gate_up_proj`` / ``down_pr
 and read, as transformers' dequantizing load gives it, as ONE logical 16-bit tensor ``X`` of shape (E, G * 32, R)
 (gpt-oss's (experts, in, out) parameter): ``group_mxfp4`` folds each pair into a ``TensorInfo`` whose layout is an
 ``Mxfp4Experts``, which dequantizes whole experts (the logical tensor's rows) at a time. The math is
-``convert.kernels.mxfp4``; layouts and I/O only here. Writing MXFP4 is not done (no CPU reference quantizer:
-transformers quantizes through the GPU-only triton_kernels hub).
+``convert.kernels.mxfp4``; layouts and I/O only here.
+
+Writing (``--quantize same``): a merged experts weight is written again as ``X_blocks`` + ``X_scales`` of the
+same shapes (``Mxfp4Spec``, ``serialized_tensors``, one expert a chunk), quantized by ``convert.kernels.mxfp4``
+(the rule of triton_kernels' ``downcast_to_mxfp_torch``, which transformers' ``quantize_to_mxfp4`` calls); one the
+merge leaves alone is its two stored tensors copied (``stored_parts``), and the base's ``quantization_config`` is
+kept.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ from formats import bnb
 from formats.errors import ConvertError
 from formats.fp8 import output_dtype
 from formats.safetensors_file import DTYPES, TensorInfo
+from formats.writer import PlannedTensor
+
+BLOCK = 32  # values a scale
 
 
 @dataclass(frozen=True)
@@ -69,3 +77,38 @@ def group_mxfp4(tensors: dict[str, TensorInfo], config: dict) -> dict[str, Tenso
             name, dtype, (experts, groups * width * 2, rows), info, Mxfp4Experts(info, scales, DTYPES[dtype])
         )
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+@dataclass(frozen=True)
+class Mxfp4Spec:
+    """An experts weight written as MXFP4 blocks and scales (``--quantize same`` from an MXFP4 base)."""
+
+    method: str = "mxfp4"  # what summaries print, as bnb.QuantSpec.method
+
+
+def spec_of(info: TensorInfo, config: dict) -> Mxfp4Spec:
+    """The spec a merged MXFP4 experts weight is written with (every MXFP4 weight is written alike)."""
+    return Mxfp4Spec()
+
+
+def stored_parts(layout: Mxfp4Experts) -> list[TensorInfo]:
+    return [layout.blocks, layout.scales]
+
+
+def serialized_tensors(name: str, shape: tuple[int, ...], dtype: str, spec: Mxfp4Spec) -> list[PlannedTensor]:
+    """``name_blocks`` U8 (E, out, in / 32, 16) and ``name_scales`` U8 (E, out, in / 32) of a logical (E, in, out)
+    weight (``dtype``, the 16-bit dtype rows arrive in, is unused: the signature is ``formats.bnb``')."""
+    if len(shape) != 3 or shape[1] % BLOCK:
+        raise ConvertError(f"tensor '{name}': shape {list(shape)} is not (experts, in, out) with in a multiple of 32")
+    experts, cols, rows = shape
+    grid = (experts, rows, cols // BLOCK)
+    return [PlannedTensor(name + "_blocks", "U8", (*grid, BLOCK // 2)), PlannedTensor(name + "_scales", "U8", grid)]
+
+
+def chunk_rows(shape: tuple[int, ...], spec: Mxfp4Spec) -> int:
+    """Row granularity of a chunk: one expert (its blocks never cross experts)."""
+    return 1

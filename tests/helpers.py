@@ -351,6 +351,14 @@ def assert_reads_like(path: Path, expected: dict[str, torch.Tensor], layout: typ
             assert torch.equal(read_rows(info, rows[0], stop), expected[name][rows[0] : stop]), name
 
 
+def assert_same_state(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
+    """The same tensors, byte for byte (dtypes and shapes too)."""
+    assert ours.keys() == theirs.keys()
+    for name, tensor in ours.items():
+        assert tensor.dtype == theirs[name].dtype and tensor.shape == theirs[name].shape, name
+        assert torch.equal(tensor.view(torch.uint8), theirs[name].view(torch.uint8)), name
+
+
 def assert_merged_like(out: Path, reference) -> None:
     """A 16-bit merge equals the PEFT-merged ``reference`` model within 1 ulp, drops ``quantization_config``, and
     loads in transformers with logits close to the reference's (bf16 weights within 1 ulp: close, not equal)."""

@@ -7,11 +7,15 @@ then its registered compressor's ``compress`` (``BaseCompressor.load_from_regist
 ``QuantizationConfig`` it describes. The oracle of every read is transformers loading that checkpoint decompressed
 (``CompressedTensorsConfig(run_compressed=False)``, compressed-tensors' ``decompress``); of every merge, PEFT's
 ``merge_and_unload`` on that model.
+
+``--quantize same`` is tested against the same compressed-tensors code: the expected output is that compression
+(``calculate_qparams`` on the min/max, ``compress``) applied to our 16-bit merge, compared byte for byte.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,15 +23,22 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from convert import merge
-from formats.compressed_tensors import CompressedWeight
+from convert.execute.decode import read_rows
+from convert.execute.quantize_sink import CompressedQuantizer
+from formats.checkpoint import open_checkpoint
+from formats.compressed_tensors import CompressedWeight, spec_of
 from tests.helpers import (
     SIZES64,
     assert_converted_like,
     assert_merged_like,
     assert_reads_like,
+    assert_same_state,
+    fp8_logits,
+    load_output,
     make_adapter,
     make_llama,
     peft,
+    read_config,
     run_failing,
     transformers,
 )
@@ -177,9 +188,85 @@ def test_bad_compressed_checkpoint(case, models, tmp_path) -> None:
     assert "model.safetensors" in message and all(w in message for w in words), message
 
 
-def test_quantize_same_is_refused_for_compressed_tensors(models, tmp_path) -> None:
-    from convert import ConvertError
+@pytest.mark.parametrize("case", list(CASES))
+def test_quantize_same_equals_compressed_tensors_compressing_the_merge(case, models, tmp_path) -> None:
+    """merge --quantize same: every tensor is, byte for byte, compressed-tensors' own compression (qparams of the
+    min/max, its compressor) of our bf16 merge, in row chunks that cut groups of rows (8-row zero-point words, 32-row
+    blocks); the base's quantization_config is kept as it is."""
+    base = models[case]
+    merge(base, models["adapter"], tmp_path / "merged16", device="cpu", dtype="bf16")
+    merge(base, models["adapter"], tmp_path / "ours", device="cpu", quantize="same", chunk_size=4 * 64 * 20)
+    expected = compressed_checkpoint(tmp_path / "merged16", tmp_path / "expected", case)
+    assert_same_state(load_output(tmp_path / "ours"), load_file(expected / "model.safetensors"))
+    assert read_config(tmp_path / "ours")["quantization_config"] == read_config(base)["quantization_config"]
 
-    with pytest.raises(ConvertError, match=r"^--quantize same: writing compressed-tensors checkpoints is not supp"):
-        merge(models["fp8-channel"], None, tmp_path / "out", device="cpu", quantize="same")
-    assert not (tmp_path / "out").exists()
+
+def relative_error(model, reference: dict[str, torch.Tensor]) -> float:
+    """The largest error of a quantized model's Linear weights against 16-bit ones, relative to each's amax."""
+    errors = [
+        (w.float() - reference[name].float()).abs().max() / reference[name].float().abs().max()
+        for name, w in model.state_dict().items()
+        if name.endswith("proj.weight")
+    ]
+    return float(max(errors))
+
+
+@pytest.mark.parametrize("case", ["int4-group-asym", "fp8-block"])
+def test_quantize_same_loads_in_transformers_as_the_merged_model(case, models, tmp_path) -> None:
+    """transformers (compressed-tensors decompressing) loads the output with the logits of compressed-tensors' own
+    compression of the merge, and its weights are PEFT's merge within the error the base's own compression made
+    (relative to each weight's amax: the random adapter makes the merged weights ~3x the base's, and their
+    logits' error with them)."""
+    out = tmp_path / "ours"
+    merge(models[case], models["adapter"], out, device="cpu", quantize="same")
+    merge(models[case], models["adapter"], tmp_path / "merged16", device="cpu", dtype="bf16")
+    expected = compressed_checkpoint(tmp_path / "merged16", tmp_path / "expected", case)
+    ours = decompressed(out)
+    assert torch.equal(fp8_logits(ours), fp8_logits(decompressed(expected)))
+    reference = peft.PeftModel.from_pretrained(decompressed(models[case]), models["adapter"]).merge_and_unload()
+    base_error = relative_error(decompressed(models[case]), load_output(models["base16"]))
+    assert relative_error(ours, reference.state_dict()) <= 1.02 * base_error
+
+
+@pytest.mark.parametrize("case", ["int4-group-asym", "int8-channel", "fp8-tensor"])
+def test_quantize_same_without_adapter_reproduces_the_base(case, models, tmp_path) -> None:
+    """Weights the merge leaves alone are copied as stored: a merge without adapter is the base byte for byte."""
+    merge(models[case], None, tmp_path / "out", device="cpu", quantize="same")
+    assert_same_state(load_output(tmp_path / "out"), load_file(models[case] / "model.safetensors"))
+
+
+@pytest.mark.parametrize("case", ["fp8-channel", "fp8-tensor", "fp8-block"])
+def test_fp8_requantization_of_the_dequantized_base_gives_its_bytes(case, models) -> None:
+    """quantize(dequantize(W)) == W for these fp8 bases (the amax comes back as 448 * scale); int min-max scales
+    are no fixed point (an amax at +-7.5 scales rounds to -8 or clamps to 7), hence the copies above."""
+    ckpt = open_checkpoint(models[case])
+    stored = load_file(models[case] / "model.safetensors")
+    for name, info in ckpt.tensors.items():
+        if isinstance(info.layout, CompressedWeight):
+            sink = CompressedQuantizer(None, name, info.shape, info.dtype, spec_of(info, ckpt.config))
+            for part, values, offset in sink.pieces(0, read_rows(info)):
+                assert offset == 0 and torch.equal(values.view(torch.uint8), stored[part].view(torch.uint8)), part
+
+
+@pytest.mark.parametrize("args", [{"observer": "mse"}, {"actorder": "group"}])
+def test_quantize_same_refuses_schemes_it_cannot_compute_again(args, models, tmp_path) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(models["int4-group"] / "model.safetensors", bad / "model.safetensors")
+    config = json.loads((models["int4-group"] / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"].update(args)
+    (bad / "config.json").write_text(json.dumps(config))
+    message = run_failing(tmp_path, bad, models["adapter"], None, "--quantize", "same")
+    key, value = next(iter(args.items()))
+    assert "model.safetensors" in message and ".weight_scale" in message and repr(value) in message, message
+    assert key in message, message
+
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["int4-group-asym", "fp8-block", "fp8-tensor"])
+def test_quantize_same_on_cuda_equals_the_cpu(case, models, tmp_path) -> None:
+    """The GPU pipeline feeds the same sink (``pieces``): its output is the CPU executor's, byte for byte."""
+    for device in ("cpu", "cuda"):
+        merge(models[case], models["adapter"], tmp_path / device, device=device, quantize="same", chunk_size="16KB")
+    assert_same_state(load_output(tmp_path / "cuda"), load_output(tmp_path / "cpu"))

@@ -30,6 +30,7 @@ from tests.helpers import (
     assert_converted_like,
     assert_merged_like,
     assert_reads_like,
+    assert_same_state,
     fp8_checkpoint,
     fp8_logits,
     load_model,
@@ -118,13 +119,6 @@ def transformers_fp8(merged16: Path, block: tuple[int, int]) -> dict[str, torch.
     for name, tensor in load_output(merged16).items():
         state.update(op.convert({name: tensor}) if name.endswith("proj.weight") else {name: tensor})
     return state
-
-
-def assert_same_state(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
-    assert ours.keys() == theirs.keys()
-    for name, tensor in ours.items():
-        assert tensor.dtype == theirs[name].dtype and tensor.shape == theirs[name].shape, name
-        assert torch.equal(tensor.view(torch.uint8), theirs[name].view(torch.uint8)), name
 
 
 def test_quantize_fp8_equals_transformers_quantizing_the_merge(models, tmp_path) -> None:

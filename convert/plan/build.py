@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from convert.plan import architecture
 from convert.plan.lora import BiasDelta, Delta, check_config, low_rank_delta, narrow, parameter_delta, scaling_for
-from formats import bnb, fp8
+from formats import bnb, compressed_tensors, fp8, mxfp4
 from formats.adapter import Adapter
 from formats.checkpoint import Checkpoint
 from formats.dtypes import OUTPUT_DTYPES
@@ -20,6 +20,7 @@ from formats.safetensors_file import FLOAT_DTYPES, TensorInfo
 from formats.writer import PlannedTensor
 
 LM_HEAD = "lm_head.weight"
+Spec = bnb.QuantSpec | fp8.FP8Spec | compressed_tensors.CompressedSpec | mxfp4.Mxfp4Spec  # laid out by its module
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class OutputTensor:
     dtype: str
     source: TensorInfo
     delta: Delta | None = None
-    quant: bnb.QuantSpec | fp8.FP8Spec | None = None  # written quantized (``convert.plan.quantize``)
+    quant: Spec | None = None  # how it is written quantized (``convert.plan.quantize``)
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -21,8 +21,14 @@ from convert.execute.decode import RoundTrip
 from convert.options import FORMAT_METHODS, MERGE_INTO
 from convert.plan import architecture
 from convert.plan.build import OutputTensor, Plan
-from formats import bnb, fp8
+from formats import bnb, compressed_tensors, fp8, mxfp4
 from formats.errors import ConvertError
+
+# What ``--quantize same`` writes weight by weight in its base weight's scheme: quant_method -> layout, its module.
+REQUANTIZED = {
+    "compressed-tensors": (compressed_tensors.CompressedWeight, compressed_tensors),
+    "mxfp4": (mxfp4.Mxfp4Experts, mxfp4),
+}
 
 # How PEFT's ``PeftModel.create_or_update_model_card`` records the base's quantization in an adapter's README.md.
 RECORD_PREFIX = "The following `bitsandbytes` quantization config was used during training:"
@@ -99,12 +105,18 @@ def format_plan(plan: Plan, spec: bnb.QuantSpec, config: dict) -> Plan:
     FP8 (128x128 blocks, fp32 ``weight_scale_inv``) with the ``quantization_config`` DeepSeek-V3 ships.
     ``--quantize same``: the output in the base's own format and settings: its FP8 weights written FP8 again
     (same block size, scale dtype, static activation scales copied), under the base's own ``quantization_config``;
-    a bitsandbytes base is written with the settings its quant states record (``bnb.spec_of``)."""
+    a bitsandbytes base is written with the settings its quant states record (``bnb.spec_of``); compressed-tensors
+    and MXFP4 bases go to ``requantize_plan``."""
     sources = {t.name: t.source for t in plan.tensors}
     if spec.method == "same":
         method = (config.get("quantization_config") or {}).get("quant_method")
+        if method in REQUANTIZED:
+            return requantize_plan(plan, config, *REQUANTIZED[method])
         if method not in (None, "fp8", "bitsandbytes"):
-            raise ConvertError(f"--quantize same: writing {method} checkpoints is not supported yet (fp8 is)")
+            raise ConvertError(
+                f"--quantize same: writing {method} checkpoints is not supported "
+                f"(fp8, bitsandbytes, {', '.join(REQUANTIZED)} are)"
+            )
         fp8_spec = fp8.spec_of(sources)
         if fp8_spec is None:
             bnb_spec = bnb.spec_of(sources, config)
@@ -125,6 +137,29 @@ def format_plan(plan: Plan, spec: bnb.QuantSpec, config: dict) -> Plan:
         if t.name in targets and scale is not None:
             tensors.append(OutputTensor(scale.name, scale.dtype, scale))
     return Plan(tensors, plan.dtype, {**plan.config_updates, "quantization_config": qconfig}, plan.base)
+
+
+def requantize_plan(plan: Plan, config: dict, layout: type, module) -> Plan:
+    """``--quantize same`` from a compressed-tensors or MXFP4 base: every weight the merge changes is quantized
+    again with its base weight's own scheme (``module.spec_of``: same tensors, dtypes, packing), its other stored
+    parts (a static ``input_scale``) copied; every weight it leaves alone is its stored parts copied byte for byte
+    (quantizing its dequantized values again need not give its bytes back: a bf16 scale, an MXFP4 group whose
+    largest value is not 6). The base's ``quantization_config`` is kept unchanged, so transformers and vLLM load
+    the output as they loaded the base."""
+    tensors = []
+    for t in plan.tensors:
+        stored = module.stored_parts(t.source.layout) if isinstance(t.source.layout, layout) else None
+        if stored is None:
+            tensors.append(t)
+            continue
+        written = set()
+        if t.delta is not None:
+            t = replace(t, quant=module.spec_of(t.source, config))
+            written = {p.name for p in t.serialized}
+            tensors.append(t)
+        tensors += [OutputTensor(p.name, p.dtype, p) for p in stored if p.name not in written]
+    updates = {**plan.config_updates, "quantization_config": config["quantization_config"]}
+    return Plan(tensors, plan.dtype, updates, plan.base)
 
 
 def merge_into_dequantized(plan: Plan, spec: bnb.QuantSpec, config: dict, device: torch.device) -> Plan:
