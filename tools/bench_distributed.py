@@ -1,7 +1,7 @@
 """Benchmark `convert merge` under torchrun: throughput per rank against one process, on the same data.
 
     python tools/bench_distributed.py [--shape small|tinyllama|8b] [--ranks 1,2,4] [--device cpu|cuda]
-                                      [--repeats 3] [--storage-gbps 10] [--gpus-per-node 8]
+                                      [--cores-per-rank K] [--repeats 3] [--storage-gbps 10] [--gpus-per-node 8]
                                       [--workdir /tmp/bench-distributed] [--results tools/results/distributed.md]
 
 Builds a synthetic bf16 Llama-shaped base and an r=16 all-linear LoRA adapter (``bench_merge.build``, at the
@@ -68,15 +68,26 @@ def use_shape(name: str) -> None:
     }
 
 
-def merge_command(ranks: int, base: Path, adapter: Path, out: Path, device: str, shard: int) -> list[str]:
+def merge_command(
+    ranks: int, base: Path, adapter: Path, out: Path, device: str, shard: int, cores_per_rank: int = 0
+) -> list[str]:
+    """The command line of one run; with ``cores_per_rank``, each rank (and the one process) pinned to cores of
+    its own (``tools/pin_rank.py``)."""
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)]
     args = ["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out), "--device", device]
     args += ["--max-shard-size", str(shard)]  # rank 0's summary line says how long the command itself took
-    return [sys.executable, *(launcher if ranks > 1 else []), "-m", "convert.cli", *args]
+    module = [str(ROOT / "tools" / "pin_rank.py"), str(cores_per_rank)] if cores_per_rank else ["-m"]
+    return [sys.executable, *(launcher if ranks > 1 else []), *module, "convert.cli", *args]
 
 
 def digest(path: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir()) if p.is_file()}
+
+
+def placement(cores_per_rank: int) -> str:
+    if cores_per_rank:
+        return f"each rank (and the one process) pinned to {cores_per_rank} core(s) of its own"
+    return "ranks sharing the machine's cores"
 
 
 def model_rows(per_rank: float, gpus_per_node: int, storage: float) -> list[str]:
@@ -101,6 +112,8 @@ def main() -> None:
     parser.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node in the model")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-distributed"))
     parser.add_argument("--results", type=Path, default=ROOT / "tools" / "results" / "distributed.md")
+    parser.add_argument("--cores-per-rank", type=int, default=0,
+                        help="pin each rank (and the one process) to this many cores of its own; 0: no pinning")
     args = parser.parse_args()
     counts = sorted({int(n) for n in args.ranks.split(",")} | {1})
 
@@ -115,26 +128,27 @@ def main() -> None:
     inside: dict[int, float] = {}
     expected: dict[str, str] | None = None
     moved = 0
-    for n in counts:
-        runs, own = [], []
-        for _ in range(args.repeats):
-            seconds, _, stdout = bench_merge.timed(merge_command(n, base, adapter, out, args.device, shard), out)
-            runs.append(seconds)
-            own.append(float(re.search(r" in ([0-9.]+) s, peak RSS", stdout).group(1)))
+    runs: dict[int, list[float]] = {n: [] for n in counts}
+    own: dict[int, list[float]] = {n: [] for n in counts}
+    for _ in range(args.repeats):  # interleaved, so that a slow spell of the machine does not hit one count only
+        for n in counts:
+            command = merge_command(n, base, adapter, out, args.device, shard, args.cores_per_rank)
+            seconds, _, stdout = bench_merge.timed(command, out)
+            runs[n].append(seconds)
+            own[n].append(float(re.search(r" in ([0-9.]+) s, peak RSS", stdout).group(1)))
             got = digest(out)
             expected = expected or got
             if got != expected:
                 raise SystemExit(f"{n} ranks: output differs from the one-process run")
-        walls[n], inside[n] = statistics.median(runs), statistics.median(own)
-        moved = read + sum((out / f).stat().st_size for f in got)
-        print(f"{n} rank(s): {walls[n]:.2f} s wall, {inside[n]:.2f} s in the command (runs {runs}, {own})", flush=True)
+            moved = read + sum((out / f).stat().st_size for f in got)
+    for n in counts:
+        walls[n], inside[n] = statistics.median(runs[n]), statistics.median(own[n])
+        print(f"{n} rank(s): {walls[n]:.2f} s wall, {inside[n]:.2f} s in the command (runs {runs[n]}, {own[n]})")
 
     cores = os.cpu_count()
     lines = [
-        "# convert merge under torchrun: throughput per rank",
-        "",
-        f"{datetime.date.today()}, {platform.node() or 'vm'}: {cores} cores, torch {torch.__version__}, "
-        f"--device {args.device}, median of {args.repeats}, page cache warm.",
+        f"## {datetime.date.today()}, {platform.node() or 'vm'}: {cores} cores, torch {torch.__version__}, "
+        f"--device {args.device}, median of {args.repeats}, page cache warm, {placement(args.cores_per_rank)}.",
         "",
         f"Shape `{args.shape}` (hidden, layers, intermediate, vocab, heads, kv heads = {SHAPES[args.shape]}), bf16, "
         f"r=16 all-linear LoRA; {read / 1e9:.2f} GB read, {(moved - read) / 1e9:.2f} GB written, "
@@ -156,15 +170,16 @@ def main() -> None:
         f"Model of a 405B merge (810 GB bf16 read + 810 GB written) with {args.gpus_per_node} ranks a node, each at "
         f"the one-process throughput measured here ({per_rank / 1e9:.3f} GB/s: a rank with its own GPU or cores), "
         f"and storage of {args.storage_gbps:g} GB/s: time = bytes / min(nodes * ranks * per-rank, storage). (The "
-        f"{counts[-1]}-rank run's per-rank figure, {shared / 1e9:.3f} GB/s, is that of ranks sharing this machine's "
-        f"{os.cpu_count()} cores.)",
+        f"{counts[-1]}-rank run's per-rank figure is {shared / 1e9:.3f} GB/s, {placement(args.cores_per_rank)}.)",
         "",
         *model_rows(per_rank, args.gpus_per_node, args.storage_gbps * 1e9),
         "",
     ]
     text = "\n".join(lines)
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(text)
+    new = not args.results.exists()
+    with open(args.results, "a") as f:  # one section a run, under the file's title
+        f.write(("# convert merge under torchrun: throughput per rank\n\n" if new else "\n") + text)
     print(text)
 
 
