@@ -36,7 +36,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from bench_gpu_merge import SHAPES, base_tensors, cached_bytes, drop_caches, row, timed, write_configs  # noqa: E402
+from bench_gpu_merge import (  # noqa: E402
+    SHAPES,
+    base_tensors,
+    cached_bytes,
+    drop_caches,
+    row,
+    stage_lines,
+    timed,
+    write_configs,
+)
 
 from formats import fp8  # noqa: E402
 from formats.writer import PlannedTensor, ShardWriter  # noqa: E402
@@ -231,8 +240,8 @@ def main() -> None:
         walls[label] = t.total_s
         report(row(label, t, cp_s).rsplit("|", 3)[0] + "|")
         summary = [line for line in t.output.splitlines() if "peak RSS" in line]
-        if summary:
-            report(f"<!-- {summary[-1]} -->")
+        for line in stage_lines(t.output) + summary[-1:]:
+            report(f"<!-- {line} -->")
     report()
     layers = SHAPES[args.shape][1]
     sample = [

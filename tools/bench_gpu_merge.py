@@ -479,7 +479,13 @@ def summary_comment(label: str, t: Timing) -> str:
     if inside is not None:
         outside = t.total_s - inside - t.sync_s
         split = f"in merge() {inside:.1f} s, sync {t.sync_s:.1f} s, outside merge() {outside:.1f} s (start-up + exit)"
-    return f"<!-- {label} summary: {lines[-1] if lines else ''}; {split} -->"
+    stages = "".join(f"\n<!-- {label} {line} -->" for line in stage_lines(t.output))
+    return f"<!-- {label} summary: {lines[-1] if lines else ''}; {split} -->{stages}"
+
+
+def stage_lines(output: str) -> list[str]:
+    """The pipeline's stage clocks a run printed (with CONVERT_PIPELINE_TIMES=1, see convert.execute.gpu)."""
+    return [line for line in output.splitlines() if " pipeline: " in line or line.startswith("convert: cpu workers")]
 
 
 def merge_runs(base: Path, base_nf4: Path, lora: Path, dora: Path) -> list[Run]:

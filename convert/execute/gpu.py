@@ -25,8 +25,11 @@ from __future__ import annotations
 import math
 import os
 import queue
+import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -337,6 +340,28 @@ def copy_back(pieces: list[Piece], host: torch.Tensor) -> list[Piece]:
 
 
 @dataclass
+class StageClock:
+    """Seconds one stage thread spent waiting (on a queue, a slot or the GPU) and in all; with
+    ``CONVERT_PIPELINE_TIMES=1`` each device's pipeline prints its stages' clocks when it ends, which tells
+    whether the disk, the GPU or the writer bounds a run."""
+
+    waited: float = 0.0
+    began: float = field(default_factory=time.perf_counter)
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.waited += time.perf_counter() - t
+
+    def line(self, name: str) -> str:
+        total = time.perf_counter() - self.began
+        return f"{name} {total:.2f} s ({total - self.waited:.2f} busy, {self.waited:.2f} waiting)"
+
+
+@dataclass
 class Pipeline:
     """The state the three stage threads of one device share."""
 
@@ -349,10 +374,12 @@ class Pipeline:
     to_gpu: queue.Queue = field(default_factory=queue.Queue)
     to_write: queue.Queue = field(default_factory=queue.Queue)
     errors: list[BaseException] = field(default_factory=list)
+    clocks: dict[str, StageClock] = field(default_factory=lambda: {s: StageClock() for s in ("read", "gpu", "write")})
 
     def take_slot(self, job: GpuJob) -> Slot:
         """A free slot, with bigger buffers of its own for a job that does not fit (a whole transposed DoRA weight)."""
-        slot = self.free.get()
+        with self.clocks["read"].waiting():
+            slot = self.free.get()
         host, dev = job.sizes
         if host > slot.host.numel() or dev > slot.device.numel():
             return Slot(pinned(host), torch.empty(dev, dtype=torch.uint8, device=self.device), pooled=slot)
@@ -370,7 +397,7 @@ class Pipeline:
     def compute(self) -> None:
         copy_in, run, copy_out = (torch.cuda.Stream(self.device) for _ in range(3))
         factors: DeviceFactors | None = None
-        while (item := self.to_gpu.get()) is not None:
+        while (item := self.next(self.to_gpu, "gpu")) is not None:
             job, slot = item
             out = job.work.out
             raw = slot.device[job.output_bytes : job.output_bytes + job.input_bytes]
@@ -394,13 +421,23 @@ class Pipeline:
         self.to_write.put(None)
 
     def write(self) -> None:
-        while (item := self.to_write.get()) is not None:
+        while (item := self.next(self.to_write, "write")) is not None:
             job, slot, pieces = item
-            slot.done.synchronize()
+            with self.clocks["write"].waiting():
+                slot.done.synchronize()
             for name, values, offset in pieces:
                 self.writer.write(name, values, offset)
             self.progress(job.elements * DTYPES[job.work.out.dtype].itemsize)
             self.free.put(slot.pooled or slot)
+
+    def next(self, source: queue.Queue, stage: str):
+        with self.clocks[stage].waiting():
+            return source.get()
+
+    def report_times(self) -> None:
+        if os.environ.get("CONVERT_PIPELINE_TIMES") == "1":
+            stages = ", ".join(clock.line(stage) for stage, clock in self.clocks.items())
+            print(f"convert: {self.device} pipeline: {stages}", file=sys.stderr)
 
     def guarded(self, stage: Callable[[], None], downstream: queue.Queue | None) -> Callable[[], None]:
         """``stage`` recording its error: the other stages then stop at their next job."""
@@ -439,6 +476,7 @@ def run_device(jobs: list[GpuJob], pipeline: Pipeline) -> None:
         for what, (stage, downstream) in stages.items()
     ]
     run_threads(threads, pipeline.errors)
+    pipeline.report_times()
 
 
 def run_threads(threads: list[threading.Thread], errors: list[BaseException]) -> None:
@@ -453,6 +491,16 @@ def run_threads(threads: list[threading.Thread], errors: list[BaseException]) ->
 
 def pinned(nbytes: int) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+
+def timed_cpu(tensors: list[OutputTensor], writer: ShardWriter, chunk_bytes: int, progress: Callable[[int], None]):
+    """The CPU workers' share of a GPU run (with ``CONVERT_PIPELINE_TIMES=1``, their seconds printed)."""
+    clock = StageClock()
+    run_plan(tensors, writer, torch.device("cpu"), chunk_bytes, progress)
+    if os.environ.get("CONVERT_PIPELINE_TIMES") == "1":
+        nbytes = sum(t.source.nbytes for t in tensors)
+        print(f"convert: cpu workers: {len(tensors)} tensors, {nbytes / 1e9:.2f} GB read, "
+              f"{clock.line('done in')}", file=sys.stderr)  # fmt: skip
 
 
 def run_plan_gpu(
@@ -476,9 +524,8 @@ def run_plan_gpu(
     quantizers = {t.name: streaming_quantizer(writer, t) for t in gpu if t.quant is not None}
     jobs = [gpu_jobs(share, chunk_elements) for share in assign(gpu, len(devices))]
     prefetch([job.work for share in jobs for job in share])
-    tasks: list[Callable[[], None]] = [
-        lambda: run_plan([t for t in tensors if not on_gpu(t)], writer, torch.device("cpu"), chunk_bytes, progress)
-    ]
+    cpu_work = [t for t in tensors if not on_gpu(t)]
+    tasks: list[Callable[[], None]] = [lambda: timed_cpu(cpu_work, writer, chunk_bytes, progress)]
     tasks += [
         lambda share=share, device=device: run_device(share, Pipeline(device, writer, quantizers, progress, stop))
         for share, device in zip(jobs, devices, strict=True)
