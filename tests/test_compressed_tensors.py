@@ -265,8 +265,12 @@ def test_quantize_same_refuses_schemes_it_cannot_compute_again(args, models, tmp
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", ["int4-group-asym", "fp8-block", "fp8-tensor"])
-def test_quantize_same_on_cuda_equals_the_cpu(case, models, tmp_path) -> None:
-    """The GPU pipeline feeds the same sink (``pieces``): its output is the CPU executor's, byte for byte."""
-    for device in ("cpu", "cuda"):
-        merge(models[case], models["adapter"], tmp_path / device, device=device, quantize="same", chunk_size="16KB")
-    assert_same_state(load_output(tmp_path / "cuda"), load_output(tmp_path / "cpu"))
+def test_quantize_same_on_cuda_equals_compressed_tensors_compressing_the_cuda_merge(case, models, tmp_path) -> None:
+    """On the GPU pipeline, in row chunks that cut groups of rows, every tensor is compressed-tensors' own
+    compression of the GPU's bf16 merge. (Not of the CPU's: the fused kernel's bf16 merge may be 1 ulp off the
+    CPU's, which moves a scale.)"""
+    base = models[case]
+    merge(base, models["adapter"], tmp_path / "merged16", device="cuda", dtype="bf16")
+    merge(base, models["adapter"], tmp_path / "ours", device="cuda", quantize="same", chunk_size="16KB")
+    expected = compressed_checkpoint(tmp_path / "merged16", tmp_path / "expected", case)
+    assert_same_state(load_output(tmp_path / "ours"), load_file(expected / "model.safetensors"))

@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from convert.execute.cpu import usable_cores
 from convert.output.ranks import owners
 from convert.output.stage import JOURNAL, partial_path, rank_journal, read_journal
 from tests.helpers import ROOT, make_adapter, make_base, subprocess_env, tree_digest
@@ -238,3 +239,18 @@ def test_ranks_sharing_one_gpu(models, tmp_path, ranks, command):
     shutil.rmtree(out)
     ok(convert(ranks, *args, "--out", str(out), **one_gpu))
     assert tree_digest(out) == expected
+
+
+@pytest.mark.parametrize(
+    ("affinity", "local_ranks", "expected"),
+    [(range(16), None, 16), (range(16), "8", 2), (range(16), "32", 1), (range(4, 6), "8", 2), (range(3), None, 3)],
+)
+def test_cpu_workers_use_the_ranks_share_of_the_cores(affinity, local_ranks, expected, monkeypatch) -> None:
+    """Ranks not pinned apart share the node's cores; a pinned rank (or a container) uses the cores it has."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(affinity), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    if local_ranks is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_ranks)
+    assert usable_cores() == expected

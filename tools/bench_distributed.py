@@ -1,6 +1,6 @@
 """Benchmark `convert merge` under torchrun: throughput per rank against one process, on the same data.
 
-    python tools/bench_distributed.py [--shape small|tinyllama|8b] [--ranks 1,2,4] [--device cpu|cuda]
+    python tools/bench_distributed.py [--shape small|tinyllama|3b|8b] [--ranks 1,2,4] [--device cpu|cuda]
                                       [--cores-per-rank K] [--repeats 3] [--storage-gbps 10] [--gpus-per-node 8]
                                       [--workdir /tmp/bench-distributed] [--results tools/results/distributed.md]
 
@@ -46,6 +46,7 @@ import bench_merge  # noqa: E402  (its synthetic model, `timed` and page-cache w
 SHAPES = {  # hidden, layers, intermediate, vocab, heads, kv heads
     "small": (1024, 8, 2816, 16000, 32, 4),
     "tinyllama": (2048, 22, 5632, 32000, 32, 4),
+    "3b": (3072, 28, 8192, 128256, 24, 8),  # Llama-3.2-3B's, untied: 7.2 GB
     "8b": (4096, 32, 14336, 128256, 32, 8),
 }
 MODEL_405B_BYTES = 2 * 810e9  # read and written once

@@ -287,7 +287,7 @@ def run_plan(
     # On the CPU: one worker per core, each running torch single-threaded (torch's own
     # spinning OpenMP workers would fight the other workers for the cores). On a GPU:
     # two workers, so that one reads and writes while the other's chunk computes.
-    count = max(1, min(MAX_WORKERS, os.cpu_count() or 1)) if on_cpu else 2
+    count = max(1, min(MAX_WORKERS, usable_cores())) if on_cpu else 2
     tile = CPU_TILE_ELEMENTS if on_cpu else chunk_elements
     row = max_row(tensors)
     quantizers = {
@@ -328,6 +328,17 @@ def run_plan(
         torch.set_num_threads(threads)
     if errors:
         raise errors[0]
+
+
+def usable_cores() -> int:
+    """The cores this process's workers should use: those it may run on (a pinned rank or a container sees its
+    own), shared among the ranks torchrun started on this node when they were not pinned apart (else each of
+    eight ranks would start a worker per core of the whole machine)."""
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    if len(cores) < (os.cpu_count() or 1) or ranks <= 1:
+        return len(cores)
+    return max(1, len(cores) // ranks)
 
 
 def max_row(tensors: list[OutputTensor]) -> int:
