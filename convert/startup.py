@@ -8,8 +8,8 @@ libraries and reads thousands of small ``.pyc`` files, one small random read at 
 while the interpreter is still starting.
 
 Which files: a *start-up profile* that every finished ``convert`` command leaves behind (the shared
-libraries mapped and the module files loaded, in load order; one per Python environment, under
-``$XDG_CACHE_HOME/ckpt-convert``), so the next run asks for exactly what this environment loads. Without a
+libraries mapped and the module files loaded, in load order, then the earlier profile's other files; one per
+Python environment, under ``cache_dir()``), so the next run asks for exactly what this environment loads. Without a
 profile yet, torch's own libraries. The profile holds paths only, is written atomically and is ignored when
 unreadable; nothing here ever fails a command.
 
@@ -30,14 +30,21 @@ from convert.readahead import each_file
 MAX_FILES = 20000
 
 
+def cache_dir() -> Path:
+    """Where convert keeps what it learnt on earlier runs (start-up profiles, models' definitions):
+    ``$CONVERT_CACHE_DIR``, else ``$XDG_CACHE_HOME/ckpt-convert``."""
+    if os.environ.get("CONVERT_CACHE_DIR"):
+        return Path(os.environ["CONVERT_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ckpt-convert"
+
+
 def profile_path() -> Path:
     """This environment's profile: one per interpreter and ``sys.prefix`` (a venv's files are its own);
     ``CONVERT_STARTUP_PROFILE`` names another file."""
     if os.environ.get("CONVERT_STARTUP_PROFILE"):
         return Path(os.environ["CONVERT_STARTUP_PROFILE"])
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     key = hashlib.sha1(f"{sys.executable}\0{sys.prefix}\0{sys.version}".encode()).hexdigest()[:16]
-    return cache / "ckpt-convert" / f"startup-{key}.txt"
+    return cache_dir() / f"startup-{key}.txt"
 
 
 def loaded_files() -> list[str]:
@@ -62,12 +69,19 @@ def loaded_files() -> list[str]:
 
 
 def record(path: Path | None = None) -> None:
-    """Leave this process's start-up profile for the next run (atomically; errors are ignored)."""
+    """Leave this process's start-up profile for the next run (atomically; errors are ignored): its files, then
+    those of the earlier profile it did not load (another command's: ``quantize`` imports transformers, a plain
+    ``merge`` does not), so that whichever command runs next finds its files asked for."""
     path = path or profile_path()
+    try:
+        earlier = path.read_text().splitlines() if path.is_file() else []
+    except OSError:
+        earlier = []
+    files = list(dict.fromkeys([*loaded_files(), *(f for f in earlier if f and os.path.isfile(f))]))[:MAX_FILES]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text("\n".join(loaded_files()) + "\n")
+        tmp.write_text("\n".join(files) + "\n")
         os.replace(tmp, path)
     except OSError:
         pass

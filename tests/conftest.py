@@ -15,6 +15,7 @@ from tests.helpers import make_adapter, make_base
 def pytest_configure(config: pytest.Config) -> None:
     # Commands run by the tests leave their start-up profile (convert.startup) here, not in the user's cache.
     os.environ.setdefault("CONVERT_STARTUP_PROFILE", str(Path(tempfile.mkdtemp(prefix="convert-startup-")) / "p"))
+    os.environ.setdefault("CONVERT_CACHE_DIR", tempfile.mkdtemp(prefix="convert-cache-"))  # models' definitions
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it, run for real on the GPU machine")
 
 

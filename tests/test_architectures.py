@@ -354,3 +354,29 @@ def test_inspect_command_shows_the_placement(tmp_path):
     assert json.loads(shown.output) == adapter_placement(adapter, base)
     text = CliRunner().invoke(main, ["inspect", str(adapter), "--base", str(base)]).output
     assert "language_model.model.layers.0.self_attn.q_proj.weight" in text
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt-oss", "mixtral", "qwen2-vl", "t5"])
+def test_the_cached_architecture_is_the_one_transformers_builds(arch, tmp_path, monkeypatch):
+    """Read back from the cache, without building the model again, a model's definition is the one built from
+    transformers (kinds, shapes, quantized modules, transposed experts, every checkpoint piece); a different
+    config.json or checkpoint is built afresh."""
+    monkeypatch.setenv("CONVERT_CACHE_DIR", str(tmp_path / "cache"))
+    base = make_base(tmp_path / "base", arch)
+    ckpt = open_checkpoint(base)
+    built = architecture.load(base, ckpt.config, ckpt.tensors)
+    assert len(list((tmp_path / "cache" / "architectures").glob("*.json"))) == 1
+
+    def no_build(*args):
+        raise AssertionError("built again")
+
+    monkeypatch.setattr(architecture, "meta_model", no_build)
+    cached = architecture.load(base, ckpt.config, ckpt.tensors)
+    assert cached == built and cached.param_of_key == built.param_of_key
+    with pytest.raises(AssertionError, match="built again"):
+        architecture.load(base, {**ckpt.config, "num_hidden_layers": 1}, ckpt.tensors)
+    with pytest.raises(AssertionError, match="built again"):
+        architecture.load(base, ckpt.config, dict(list(ckpt.tensors.items())[1:]))
+    next((tmp_path / "cache" / "architectures").glob("*.json")).write_text('{"class_name": ')  # unreadable: rebuilt
+    with pytest.raises(AssertionError, match="built again"):
+        architecture.load(base, ckpt.config, ckpt.tensors)

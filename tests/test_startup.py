@@ -28,6 +28,18 @@ def test_the_profile_lists_what_was_loaded_and_warm_asks_for_each(tmp_path, monk
     assert len(asked) == 5 and all(offset == 0 and length == 0 for _, offset, length in asked)
 
 
+def test_the_profile_keeps_the_files_of_earlier_commands(tmp_path) -> None:
+    """A command that loaded fewer files (a merge, without transformers) keeps the others' in the profile, after
+    its own; files removed since are dropped."""
+    profile, other, gone = tmp_path / "profile.txt", tmp_path / "other.py", tmp_path / "gone.py"
+    other.write_text("")
+    profile.write_text(f"{other}\n{gone}\n{startup.__file__}\n")
+    startup.record(profile)
+    files = startup.profiled_files(profile)
+    assert files[-1] == str(other) and str(gone) not in files and len(files) == len(set(files))
+    assert files.index(str(other)) > files.index(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+
+
 def test_without_a_profile_torch_libraries_are_warmed(tmp_path) -> None:
     files = startup.profiled_files(tmp_path / "none.txt")
     assert files and all(Path(f).parent == Path(torch.__file__).parent / "lib" for f in files)

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from convert.clock import Phases
 from convert.devices import parse_devices
 from convert.execute.cpu import run_plan
 from convert.execute.gpu import run_plan_gpu
@@ -62,36 +63,44 @@ def merge(
     already finished.
     """
     started = time.perf_counter()
+    phases = Phases()
     opts = MergeOptions(**options)
     out = Path(out)
     inputs = open_inputs(
         base, adapter, out, overwrite=opts.overwrite, revision=opts.revision, token=opts.token,
         keep_downloads=opts.keep_downloads,
     )  # fmt: skip
+    phases.mark("inputs")
     try:
         sizes = option_sizes(max_shard_size=opts.max_shard_size, chunk_size=opts.chunk_size)
         devices = parse_devices(opts.device)
         plan, settings = merge_plan(inputs, opts, devices[0])
         settings |= {"device": devices[0].type, **sizes, "hub_base": inputs.identity()}
         planned = [p for t in plan.tensors for p in t.serialized]
+        phases.mark("plan")
         fp = fingerprint("merge", settings, inputs.files())
         with output_job(out, fp, sum(t.nbytes for t in planned), opts) as job:
             writer = job.shards(planned, sizes["max_shard_size"], read_bytes=read_bytes(plan))
             # Resumed: tensors whose every serialized part lies in a finished shard stay as they are (so do
             # those in the shards of other torchrun ranks).
             todo = [t for t in plan.tensors if not all(p.name in writer.kept_tensors for p in t.serialized)]
+            phases.mark("output shards")
             with job.progress(sum(t.planned.nbytes for t in todo), "B", "merge") as step:
                 for part in inputs.stages(todo):  # Hub: one base shard at a time
                     if devices[0].type == "cuda":
                         run_plan_gpu(part, writer, devices, sizes["chunk_size"], step)
                     else:
                         run_plan(part, writer, devices[0], sizes["chunk_size"], step)
+            phases.mark("tensors")
             files = writer.finish()
+            phases.mark("finish shards")
             if job.lead:
                 files += write_side_files(job.dir, inputs, opts, plan)
             commit_url = job.publish(files, "Upload model written by ckpt-convert")
+        phases.mark("side files, publish")
     finally:
         inputs.close()
+    phases.report()
     return result(out, sorted(files), plan, started, commit_url)
 
 

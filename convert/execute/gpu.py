@@ -25,15 +25,13 @@ from __future__ import annotations
 import math
 import os
 import queue
-import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from convert.clock import StageClock, say
 from convert.execute.cpu import Work, chunk_budget, row_chunks, run_plan, whole_tensor
 from convert.execute.decode import block_absmax, read_rows
 from convert.execute.quantize_sink import Piece, StreamingQuantizer, streaming_quantizer
@@ -340,28 +338,6 @@ def copy_back(pieces: list[Piece], host: torch.Tensor) -> list[Piece]:
 
 
 @dataclass
-class StageClock:
-    """Seconds one stage thread spent waiting (on a queue, a slot or the GPU) and in all; with
-    ``CONVERT_PIPELINE_TIMES=1`` each device's pipeline prints its stages' clocks when it ends, which tells
-    whether the disk, the GPU or the writer bounds a run."""
-
-    waited: float = 0.0
-    began: float = field(default_factory=time.perf_counter)
-
-    @contextmanager
-    def waiting(self) -> Iterator[None]:
-        t = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.waited += time.perf_counter() - t
-
-    def line(self, name: str) -> str:
-        total = time.perf_counter() - self.began
-        return f"{name} {total:.2f} s ({total - self.waited:.2f} busy, {self.waited:.2f} waiting)"
-
-
-@dataclass
 class Pipeline:
     """The state the three stage threads of one device share."""
 
@@ -435,9 +411,7 @@ class Pipeline:
             return source.get()
 
     def report_times(self) -> None:
-        if os.environ.get("CONVERT_PIPELINE_TIMES") == "1":
-            stages = ", ".join(clock.line(stage) for stage, clock in self.clocks.items())
-            print(f"convert: {self.device} pipeline: {stages}", file=sys.stderr)
+        say(f"{self.device} pipeline: " + ", ".join(clock.line(stage) for stage, clock in self.clocks.items()))
 
     def guarded(self, stage: Callable[[], None], downstream: queue.Queue | None) -> Callable[[], None]:
         """``stage`` recording its error: the other stages then stop at their next job."""
@@ -497,10 +471,8 @@ def timed_cpu(tensors: list[OutputTensor], writer: ShardWriter, chunk_bytes: int
     """The CPU workers' share of a GPU run (with ``CONVERT_PIPELINE_TIMES=1``, their seconds printed)."""
     clock = StageClock()
     run_plan(tensors, writer, torch.device("cpu"), chunk_bytes, progress)
-    if os.environ.get("CONVERT_PIPELINE_TIMES") == "1":
-        nbytes = sum(t.source.nbytes for t in tensors)
-        print(f"convert: cpu workers: {len(tensors)} tensors, {nbytes / 1e9:.2f} GB read, "
-              f"{clock.line('done in')}", file=sys.stderr)  # fmt: skip
+    nbytes = sum(t.source.nbytes for t in tensors)
+    say(f"cpu workers: {len(tensors)} tensors, {nbytes / 1e9:.2f} GB read, {clock.line('done in')}")
 
 
 def run_plan_gpu(

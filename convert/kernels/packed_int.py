@@ -106,11 +106,14 @@ def qparams(mins: torch.Tensor, maxs: torch.Tensor, num_bits: int, kind: str, sy
     points (zeros when symmetric)."""
     mins, maxs = torch.minimum(mins, torch.zeros_like(mins)), torch.maximum(maxs, torch.zeros_like(maxs))
     q_min, q_max = value_range(num_bits, kind)
+    # Divided by a tensor, not a Python number: CUDA divides by a number as a product with its reciprocal, 1 ulp
+    # off the true quotient that the CPU (and compressed-tensors on it) computes.
+    steps = torch.full_like(maxs, (q_max - q_min) / 2 if symmetric else q_max - q_min)
     if symmetric:
-        scale = torch.maximum(mins.abs(), maxs.abs()) / ((q_max - q_min) / 2)
+        scale = torch.maximum(mins.abs(), maxs.abs()) / steps
         zero_point = torch.zeros_like(scale)
     else:
-        scale = (maxs - mins) / (q_max - q_min)
+        scale = (maxs - mins) / steps
         zero_point = torch.clamp(q_min - mins / scale, q_min, q_max)
     scale = torch.where(scale == 0, torch.finfo(scale.dtype).eps, scale)
     return scale, torch.round(torch.clamp(zero_point, -128, 127)).to(torch.int8)

@@ -11,19 +11,29 @@ knows the checkpoint tensor(s) it is made of and which part of it each one is. M
 from the modules' classes, and what transformers' bitsandbytes integration would quantize from
 running its own replacement function on that meta model.
 
-Nothing is cached on disk. Without transformers, names are taken as they are (``available()`` is
-false) and whatever needs the model's definition raises a ``ConvertError`` saying so.
+Building it means importing transformers and its modeling code: about 3 s warm, and tens of seconds on a cold
+page cache while the disk streams a base, most of a ``convert quantize``'s time outside its pipeline. So the answer
+is kept on disk (``convert.startup.cache_dir()``, one small JSON file a model) under a key of everything it depends
+on: config.json, the checkpoint's keys and shapes, transformers' version and files, and this module's source. A
+later command on the same model reads it back without importing transformers; an unreadable or missing entry is
+built again. Without transformers, names are taken as they are (``available()`` is false) and whatever needs the
+model's definition raises a ``ConvertError`` saying so.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import importlib.util
+import json
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import torch
 
+from convert.startup import cache_dir
 from formats.errors import ConvertError
 from formats.safetensors_file import TensorInfo
 
@@ -135,12 +145,62 @@ def piece_shape(piece: Piece, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def load(directory: Path, config: dict, keys: dict[str, TensorInfo]) -> Architecture:
-    """Build the model of ``config.json`` on the meta device and map ``keys`` (the checkpoint's) onto it."""
+    """The architecture of a model directory: from the cache, else ``build`` (and cached)."""
     if not available():
         raise ConvertError(
             f"{directory}: transformers is not installed: the model's module types and checkpoint names "
             "cannot be told from tensor names alone (pip install transformers)"
         )
+    path = cache_dir() / "architectures" / f"{cache_key(config, keys)}.json"
+    try:
+        return from_json(directory, json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    arch = build(directory, config, keys)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(to_json(arch)))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return arch
+
+
+def cache_key(config: dict, keys: dict[str, TensorInfo]) -> str:
+    """A digest of everything ``build`` depends on (found without importing transformers)."""
+    spec = importlib.util.find_spec("transformers")
+    origin = Path(spec.origin) if spec and spec.origin else None
+    stamp = origin.stat().st_mtime_ns if origin and origin.is_file() else 0
+    things = {
+        "transformers": [importlib.metadata.version("transformers"), str(origin), stamp],
+        "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+        "config": config,
+        "keys": sorted((k, list(info.shape)) for k, info in keys.items()),
+    }
+    return hashlib.sha256(json.dumps(things, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def to_json(arch: Architecture) -> dict:
+    fields = {k: v for k, v in vars(arch).items() if k in Architecture.__dataclass_fields__ and k != "directory"}
+    fields["quantized_modules"], fields["transposed"] = sorted(arch.quantized_modules), sorted(arch.transposed)
+    fields["pieces"] = {param: [[p.key, list(p.index)] for p in pieces] for param, pieces in arch.pieces.items()}
+    return fields
+
+
+def from_json(directory: Path, fields: dict) -> Architecture:
+    pieces = {
+        param: [Piece(key, param, tuple(i if isinstance(i, int) else tuple(i) for i in index)) for key, index in items]
+        for param, items in fields.pop("pieces").items()
+    }
+    arch = Architecture(directory=directory, pieces=pieces, **fields)
+    arch.parameters = {name: tuple(shape) for name, shape in arch.parameters.items()}
+    arch.quantized_modules, arch.transposed = set(arch.quantized_modules), set(arch.transposed)
+    return arch
+
+
+def build(directory: Path, config: dict, keys: dict[str, TensorInfo]) -> Architecture:
+    """Build the model of ``config.json`` on the meta device and map ``keys`` (the checkpoint's) onto it."""
     model = meta_model(directory, config)
     arch = Architecture(
         directory=directory,
