@@ -484,8 +484,9 @@ def summary_comment(label: str, t: Timing) -> str:
 
 
 def stage_lines(output: str) -> list[str]:
-    """The pipeline's stage clocks a run printed (with CONVERT_PIPELINE_TIMES=1, see convert.execute.gpu)."""
-    return [line for line in output.splitlines() if " pipeline: " in line or line.startswith("convert: cpu workers")]
+    """The phase and pipeline-stage clocks a run printed (with CONVERT_PIPELINE_TIMES=1, see convert.clock)."""
+    marks = (" pipeline: ", "convert: cpu workers", "convert: phases: ")
+    return [line for line in output.splitlines() if any(m in line for m in marks)]
 
 
 def merge_runs(base: Path, base_nf4: Path, lora: Path, dora: Path) -> list[Run]:
