@@ -21,7 +21,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import socket
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -35,7 +37,18 @@ def cache_dir() -> Path:
     ``$CONVERT_CACHE_DIR``, else ``$XDG_CACHE_HOME/ckpt-convert``."""
     if os.environ.get("CONVERT_CACHE_DIR"):
         return Path(os.environ["CONVERT_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ckpt-convert"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "ckpt-convert"
+    try:
+        return Path.home() / ".cache" / "ckpt-convert"
+    except RuntimeError:  # no home directory (a container's user without one)
+        return Path(tempfile.gettempdir()) / f"ckpt-convert-{os.getuid()}"
+
+
+def temporary_name(path: Path) -> Path:
+    """A sibling to write ``path`` into before renaming it over: unique to this process on this host (a home
+    directory may be shared by the nodes of a torchrun job)."""
+    return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
 
 
 def profile_path() -> Path:
@@ -80,7 +93,7 @@ def record(path: Path | None = None) -> None:
     files = list(dict.fromkeys([*loaded_files(), *(f for f in earlier if f and os.path.isfile(f))]))[:MAX_FILES]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp = temporary_name(path)
         tmp.write_text("\n".join(files) + "\n")
         os.replace(tmp, path)
     except OSError:

@@ -60,3 +60,22 @@ def test_the_console_script_exits_with_the_commands_status(tiny_llama, tmp_path)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "not empty" in bad.stderr
     usage = subprocess.run([*run[:3], "merge", "--bogus"], env=env, capture_output=True, text=True)
     assert usage.returncode == 2 and "No such option" in usage.stderr
+
+
+def test_the_cache_directory(tmp_path, monkeypatch) -> None:
+    """$CONVERT_CACHE_DIR, else $XDG_CACHE_HOME/ckpt-convert, else ~/.cache/ckpt-convert, else (no home
+    directory) one of this user's in the temporary directory."""
+    monkeypatch.setenv("CONVERT_CACHE_DIR", str(tmp_path / "mine"))
+    assert startup.cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("CONVERT_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert startup.cache_dir() == tmp_path / "xdg" / "ckpt-convert"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert startup.cache_dir() == tmp_path / "home" / ".cache" / "ckpt-convert"
+
+    def no_home(cls):
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", classmethod(no_home))
+    assert startup.cache_dir().name == f"ckpt-convert-{os.getuid()}"

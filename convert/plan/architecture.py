@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from convert.startup import cache_dir
+from convert.startup import cache_dir, temporary_name
 from formats.errors import ConvertError
 from formats.safetensors_file import TensorInfo
 
@@ -159,7 +159,7 @@ def load(directory: Path, config: dict, keys: dict[str, TensorInfo]) -> Architec
     arch = build(directory, config, keys)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp = temporary_name(path)
         tmp.write_text(json.dumps(to_json(arch)))
         os.replace(tmp, path)
     except OSError:
