@@ -120,6 +120,7 @@ def main() -> None:
 
     use_shape(args.shape)
     base, adapter = bench_merge.build(args.workdir / args.shape)
+    print(f"built {base}", flush=True)
     bench_merge.BASE_FILES[:] = sorted(base.glob("*.safetensors"))
     base_bytes = sum(f.stat().st_size for f in bench_merge.BASE_FILES)
     read = base_bytes + (adapter / "adapter_model.safetensors").stat().st_size
@@ -142,6 +143,7 @@ def main() -> None:
             if got != expected:
                 raise SystemExit(f"{n} ranks: output differs from the one-process run")
             moved = read + sum((out / f).stat().st_size for f in got)
+            print(f"{n} rank(s): {seconds:.2f} s wall, {own[n][-1]:.2f} s in the command", flush=True)  # as it goes
     for n in counts:
         walls[n], inside[n] = statistics.median(runs[n]), statistics.median(own[n])
         print(f"{n} rank(s): {walls[n]:.2f} s wall, {inside[n]:.2f} s in the command (runs {runs[n]}, {own[n]})")
