@@ -4,7 +4,7 @@ and the `cp` floor, and the fused kernels against a device-to-device copy, all i
     python tools/bench_gpu_merge.py [--shape 8b|1b] [--workdir /tmp/bench-gpu] [--kernels] [--no-merge]
                                     [--runs all|cp,startup,lora,dora,nf4-lora,nf4-dora,lora-no-readahead,
                                             quantize-nf4,quantize-fp4,quantize-int8,lora-quantize-nf4,loftq]
-                                    [--no-warmup]
+                                    [--no-warmup] [--repeat N]
                                     [--reference both|lora|none|all]
                                     [--results tools/results/bench_gpu_merge.md] [--also-to $OUT/bench.md]
 
@@ -21,7 +21,10 @@ shown apart as well as summed:
     and imports triton (the start-up floor every torch tool pays on a cold cache),
   * `convert merge --device cuda`, for LoRA and DoRA on the bf16 base and on the NF4 base
     (dequantized as it is read; the output is bf16), and LoRA again with the early read-ahead
-    off (CONVERT_READAHEAD=0, convert/readahead.py),
+    off (CONVERT_READAHEAD=0, convert/readahead.py) or the early writeback off (CONVERT_WRITEBACK=0,
+    formats/writer.py),
+  * `disk`: `cat` of the base, `dd` of as many bytes with an fsync, and both at once (whether the disk's
+    reads and writes add up, the floor of a merge that overlaps them),
   * the reference (--reference): transformers `from_pretrained(device_map="cuda")` (then, for an
     NF4 base, transformers' `dequantize()`, what a user does to get a 16-bit merged model) + PEFT
     `merge_and_unload` + `save_pretrained`,
@@ -44,9 +47,11 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,8 +77,8 @@ SHAPES |= {f"{k}-warmup": (h, 1, i, 256, heads, kv) for k, (h, _, i, _, heads, k
 RANK, ALPHA = 16, 32
 PROJS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 NF4 = bnb.QuantSpec("nf4", blocksize=64, double_quant=True, quant_storage="uint8")  # the CLI's --quantize nf4
-RUNS = ("cp", "startup", "lora", "dora", "nf4-lora", "nf4-dora", "lora-no-readahead", "quantize-nf4", "quantize-fp4",
-        "quantize-int8", "lora-quantize-nf4", "loftq")
+RUNS = ("cp", "disk", "startup", "lora", "dora", "nf4-lora", "nf4-dora", "lora-no-readahead", "lora-no-writeback",
+        "quantize-nf4", "quantize-fp4", "quantize-int8", "lora-quantize-nf4", "loftq")
 REFERENCES = {
     "both": {"lora", "dora"},
     "lora": {"lora"},
@@ -146,6 +151,7 @@ class Timing:
     rss_bytes: int
     read_bytes: int
     output: str
+    disk: list[tuple[float, float]] = ()  # GB read, GB written in each second of the process, from /proc/diskstats
 
     @property
     def total_s(self) -> float:
@@ -284,6 +290,43 @@ def cached_bytes() -> int:
     return -1
 
 
+def disk_sectors() -> tuple[int, int]:
+    """Sectors read and written so far by the machine's disks (whole devices, not their partitions)."""
+    disks = {p.name for p in Path("/sys/block").iterdir() if not p.name.startswith(("loop", "ram", "dm-"))}
+    read = written = 0
+    for line in Path("/proc/diskstats").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 9 and fields[2] in disks:
+            read, written = read + int(fields[5]), written + int(fields[9])
+    return read, written
+
+
+class DiskClock(threading.Thread):
+    """Samples the disks' counters once a second while a process runs: where the disk idles, or reads and
+    writes at once."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.samples = [disk_sectors()]
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(1.0):
+            self.samples.append(disk_sectors())
+
+    def stop(self) -> list[tuple[float, float]]:
+        self.done.set()
+        self.join()
+        self.samples.append(disk_sectors())
+        pairs = zip(self.samples, self.samples[1:], strict=False)
+        return [((r1 - r0) * 512 / 1e9, (w1 - w0) * 512 / 1e9) for (r0, w0), (r1, w1) in pairs]
+
+
+def disk_line(t: Timing) -> str:
+    """The disk's seconds, as 'GB read/GB written' each; the last one is a part of a second."""
+    return "disk per second (GB read/written): " + " ".join(f"{r:.1f}/{w:.1f}" for r, w in t.disk)
+
+
 def timed(cmd: list[str], out: Path | None, env: tuple[tuple[str, str], ...] = ()) -> Timing:
     """Wall seconds of one whole process, then of a `sync`, and its peak RSS, started on a cold cache.
 
@@ -294,15 +337,19 @@ def timed(cmd: list[str], out: Path | None, env: tuple[tuple[str, str], ...] = (
     vfork (subprocess's default) or fork that old address space is, or copies, this one. The
     wrapper's start-up (tens of ms) counts in process_s.
     """
-    if out is not None:
+    if out is not None:  # and what an interrupted earlier run left beside it
         shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(out.with_name(f".{out.name}.partial"), ignore_errors=True)
     drop_caches()
     with tempfile.NamedTemporaryFile("r", prefix="bench-rss-", suffix=".txt") as rss_file:
         wrapper = [sys.executable, "-S", "-c", RUSAGE_WRAPPER, rss_file.name, *cmd]
+        clock = DiskClock()
+        clock.start()
         start = time.perf_counter()
         proc = subprocess.run(wrapper, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
                               env={**os.environ, **dict(env)})  # fmt: skip
         process_s = time.perf_counter() - start
+        disk = clock.stop()
         rss_kb, _, blocks = rss_file.read().strip().partition(" ")
     start = time.perf_counter()
     subprocess.run(["sync"], check=True)
@@ -310,7 +357,8 @@ def timed(cmd: list[str], out: Path | None, env: tuple[tuple[str, str], ...] = (
     output = proc.stdout.decode(errors="replace")
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{output[-3000:]}")
-    return Timing(process_s, sync_s, int(rss_kb) * 1024 if rss_kb else -1, int(blocks) * 512 if blocks else -1, output)
+    rss, read = int(rss_kb) * 1024 if rss_kb else -1, int(blocks) * 512 if blocks else -1
+    return Timing(process_s, sync_s, rss, read, output, disk)
 
 
 def max_ulp(ours: Path, reference: Path, names: list[str]) -> int:
@@ -479,7 +527,7 @@ def summary_comment(label: str, t: Timing) -> str:
     if inside is not None:
         outside = t.total_s - inside - t.sync_s
         split = f"in merge() {inside:.1f} s, sync {t.sync_s:.1f} s, outside merge() {outside:.1f} s (start-up + exit)"
-    stages = "".join(f"\n<!-- {label} {line} -->" for line in stage_lines(t.output))
+    stages = "".join(f"\n<!-- {label} {line} -->" for line in [*stage_lines(t.output), disk_line(t)])
     return f"<!-- {label} summary: {lines[-1] if lines else ''}; {split} -->{stages}"
 
 
@@ -496,6 +544,7 @@ def merge_runs(base: Path, base_nf4: Path, lora: Path, dora: Path) -> list[Run]:
         Run("nf4-lora", "NF4 LoRA", base_nf4, lora, REFERENCE_NF4),
         Run("nf4-dora", "NF4 DoRA", base_nf4, dora, REFERENCE_NF4),
         Run("lora-no-readahead", "LoRA no read-ahead", base, lora, REFERENCE, (("CONVERT_READAHEAD", "0"),)),
+        Run("lora-no-writeback", "LoRA no early writeback", base, lora, REFERENCE, (("CONVERT_WRITEBACK", "0"),)),
         *[Run(f"quantize-{m}", f"quantize {m}", base, None, None, args=("--quantize", m), command="quantize",
               quantized=m) for m in ("nf4", "fp4", "int8")],  # fmt: skip
         Run("lora-quantize-nf4", "LoRA --quantize nf4", base, lora, None, args=("--quantize", "nf4"), quantized="nf4"),
@@ -562,37 +611,64 @@ def bitsandbytes_cuda_check(out: Path, run: Run, sample: list[str]) -> str:
 
 
 def floors(runs: list[str], base: Path, workdir: Path, report: Report) -> float | None:
-    """The cp and start-up rows; the cp seconds (None when not run) are the table's unit."""
+    """The cp, disk and start-up rows; the cp seconds (None when not run) are the table's unit."""
     cp_s = None
     if "cp" in runs:
         out = workdir / "out"
         t = timed(["cp", "-r", str(base), str(out)], out)
         cp_s = t.total_s
         report(row("cp -r + sync (I/O floor)", t, cp_s))
+        report(f"<!-- cp {disk_line(t)} -->")
         shutil.rmtree(out)
+    if "disk" in runs:  # whether the disk reads and writes at once, or shares one rate between them
+        shards = " ".join(str(p) for p in sorted(base.glob("*.safetensors")))
+        megabytes = sum(p.stat().st_size for p in base.glob("*.safetensors")) >> 20
+        zeros = workdir / "zeros"
+        read = f"cat {shards} > /dev/null"
+        write = f"dd if=/dev/zero of={zeros} bs=1M count={megabytes} conv=fsync status=none"
+        for name, script in (("read the base", read), ("write as many bytes", write),
+                             ("both at once", f"{read} & {write}; wait")):  # fmt: skip
+            t = timed(["sh", "-c", script], None)
+            report(row(f"disk: {name}", t, cp_s))
+            report(f"<!-- {disk_line(t)} -->")
+            zeros.unlink(missing_ok=True)
     if "startup" in runs:
         t = timed([sys.executable, "-c", STARTUP], None)
         report(row("start-up floor: import torch, start CUDA, import triton", t, cp_s))
     return cp_s
 
 
-def summary(walls: dict[str, float], cp_s: float | None, report: Report) -> None:
+def summary(rounds: list[dict[str, float]], report: Report) -> None:
+    """The summary lines, of each wall's median over the rounds; with several rounds, each run's ratio to the cp
+    of its own round, round by round (the disk's speed drifts between rounds more than between neighbours)."""
+    keys = list(dict.fromkeys(k for r in rounds for k in r))
+    walls = {k: statistics.median(r[k] for r in rounds if r.get(k)) for k in keys if any(r.get(k) for r in rounds)}
+    cp_s = walls.pop("cp_s", None)
+    if len(rounds) > 1:
+        report(f"- medians of {len(rounds)} rounds; each run's wall / its round's cp:")
+        for key in walls:
+            ratios = [r[key] / r["cp_s"] for r in rounds if r.get(key) and r.get("cp_s")]
+            if ratios:
+                listed = ", ".join(f"{x:.2f}" for x in ratios)
+                report(f"  - {key.removesuffix('_s')}: {listed} (median {statistics.median(ratios):.2f})")
     for prefix in ("", "NF4_"):
         lora, dora = walls.get(f"convert_{prefix}LoRA_s"), walls.get(f"convert_{prefix}DoRA_s")
         if lora and dora:
             on = "the NF4 base" if prefix else "the bf16 base"
             report(f"- DoRA adds {100 * (dora / lora - 1):+.0f}% to the LoRA merge's wall time on {on}")
-    lora, without = walls.get("convert_LoRA_s"), walls.get("convert_LoRA_no_read-ahead_s")
-    if lora and without:
-        change = f"{100 * (lora / without - 1):+.0f}%"
-        report(f"- early read-ahead: LoRA {lora:.1f} s with it, {without:.1f} s without ({change})")
+    switched_off = {"read-ahead": "convert_LoRA_no_read-ahead_s", "writeback": "convert_LoRA_no_early_writeback_s"}
+    for what, key in switched_off.items():
+        lora, without = walls.get("convert_LoRA_s"), walls.get(key)
+        if lora and without:
+            change = f"{100 * (lora / without - 1):+.0f}%"
+            report(f"- early {what}: LoRA {lora:.1f} s with it, {without:.1f} s without ({change})")
     sixteen = walls.get("convert_LoRA_s")
     for label in ("quantize_nf4", "quantize_fp4", "quantize_int8", "LoRA_--quantize_nf4"):
         if sixteen and walls.get(f"convert_{label}_s"):
             report(f"- {label.replace('_', ' ')}: {walls[f'convert_{label}_s'] / sixteen:.2f}x the 16-bit LoRA merge")
     cp_target = f"merges <= 1.10x cp ({1.10 * cp_s:.1f} s)" if cp_s else "merges <= 1.10x cp (cp not run)"
     report(f"- targets: {cp_target}, quantize <= 1.10x the 16-bit merge, loftq-init <= 2x cp, RSS < 2 GB")
-    report("- " + json.dumps({"cp_s": cp_s, **walls}))
+    report("- " + json.dumps(rounds if len(rounds) > 1 else {"cp_s": cp_s, **walls}))
 
 
 def command_line(run: Run, out: Path) -> list[str]:
@@ -624,6 +700,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--kernels", action="store_true", help="also benchmark the kernels alone")
     parser.add_argument("--no-merge", action="store_true", help="only the kernels")
     parser.add_argument("--no-warmup", action="store_true", help="time the first runs with cold kernel caches")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of cp and the runs, one after the other; the summary takes medians")  # fmt: skip
     parser.add_argument("--runs", type=parse_runs, default=list(RUNS),
                         help=f"'all' (default) or a comma-separated subset of {','.join(RUNS)}")  # fmt: skip
     parser.add_argument("--reference", choices=list(REFERENCES), default="both",
@@ -667,16 +745,21 @@ def main() -> None:
     report("|---|---|---|---|---|---|---|---|")
     if not args.no_warmup:
         warm_up(args, report)
-    cp_s = floors(args.runs, base, args.workdir, report)
     layers = SHAPES[args.shape][1]
     sample = [f"model.layers.{i}.{p}.weight" for i in (0, layers - 1) for p in projections(args.shape)]
     sample += ["model.embed_tokens.weight", "model.norm.weight"]
-    walls: dict[str, float] = {}
-    for run in merge_runs(base, base_nf4, lora, dora):
-        if run.key in args.runs:
-            walls |= run_merge(run, args, cp_s, sample, report)
+    rounds: list[dict[str, float]] = []
+    for number in range(1, args.repeat + 1):
+        if args.repeat > 1:
+            report(f"<!-- round {number} of {args.repeat} -->")
+        cp_s = floors(args.runs, base, args.workdir, report)
+        walls: dict[str, float] = {"cp_s": cp_s} if cp_s else {}
+        for run in merge_runs(base, base_nf4, lora, dora):
+            if run.key in args.runs:
+                walls |= run_merge(run, args, cp_s, sample, report)
+        rounds.append(walls)
     report()
-    summary(walls, cp_s, report)
+    summary(rounds, report)
     report()
 
 
