@@ -8,7 +8,6 @@ computed, so memory never holds more than the chunk being written.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
@@ -24,8 +23,6 @@ from formats.errors import ConvertError
 from formats.safetensors_file import TensorInfo, byte_view, itemsize
 
 INDEX_NAME = "model.safetensors.index.json"
-WRITEBACK_MIN_BYTES = 1 << 20  # smaller writes wait for the shard's fsync
-COPY_STEP = 64 << 20  # bytes a copy_file_range call: each one's writeback starts while the next is copied
 
 
 @dataclass(frozen=True)
@@ -194,7 +191,6 @@ class ShardWriter:
         view = byte_view(data)
         self._claim(name, offset, len(view))
         _pwrite_all(fd, view, start + offset)
-        start_writeback(fd, start + offset, len(view))
         self._landed(name, len(view))
 
     def copy(self, name: str, source: TensorInfo) -> None:
@@ -210,7 +206,7 @@ class ShardWriter:
             while done < nbytes:
                 left = nbytes - done
                 try:
-                    n = os.copy_file_range(src.fileno(), fd, min(left, COPY_STEP), source.offset + done, dst + done)
+                    n = os.copy_file_range(src.fileno(), fd, left, source.offset + done, dst + done)
                 except OSError:
                     n = 0
                 if n == 0:  # not supported across these filesystems, or the source is short
@@ -218,7 +214,6 @@ class ShardWriter:
                     if not chunk:
                         raise ConvertError(f"{source.path}: tensor '{source.name}': file ended early (truncated)")
                     n = _pwrite_all(fd, memoryview(chunk), dst + done)
-                start_writeback(fd, dst + done, n)
                 done += n
         self._landed(name, nbytes)
 
@@ -260,33 +255,6 @@ class ShardWriter:
 def create_shard_files(out_dir: Path, tensors: list[PlannedTensor], max_shard_size: int) -> None:
     """Create every shard file of a layout (header, then its full length) for writers that ``attach`` to them."""
     ShardWriter(out_dir, tensors, max_shard_size).close()
-
-
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """Linux's ``sync_file_range`` from the C library (Python's ``os`` lacks it), or None."""
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function
-
-
-_SYNC_FILE_RANGE = _sync_file_range()
-SYNC_FILE_RANGE_WRITE = 2
-
-
-def start_writeback(fd: int, offset: int, nbytes: int) -> None:
-    """Have the kernel start writing ``nbytes`` just written at ``offset`` to the disk, without waiting for it.
-
-    Left alone, the kernel holds a run's written pages in memory until a shard's fsync (or its dirty-page
-    threshold, gigabytes on a large machine) and then writes them in one burst while the reads have ended, so
-    the disk reads first and writes last. Started at once, the writes stream beside the reads and the fsync at a
-    shard's end finds little left to do. Only a hint: errors are ignored; ``CONVERT_WRITEBACK=0`` turns it off."""
-    if _SYNC_FILE_RANGE is None or nbytes < WRITEBACK_MIN_BYTES or os.environ.get("CONVERT_WRITEBACK") == "0":
-        return
-    _SYNC_FILE_RANGE(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> int:

@@ -85,59 +85,6 @@ def test_writer_refuses_overlaps_and_reports_missing_bytes(tmp_path):
         writer.finish()
 
 
-def test_writes_start_their_writeback_over_exactly_their_bytes(tmp_path, monkeypatch):
-    """Each write of a megabyte or more, and each step of a file-to-file copy, asks the kernel to write back
-    the range it just wrote (the real call runs too, and the bytes are unchanged); CONVERT_WRITEBACK=0 asks none."""
-    import formats.writer as writer_module
-
-    calls = []
-    real = writer_module._SYNC_FILE_RANGE
-    assert real is not None  # Linux: the C library has sync_file_range
-
-    def recording(fd, offset, nbytes, flags):
-        calls.append((offset, nbytes))
-        return real(fd, offset, nbytes, flags)
-
-    monkeypatch.setattr(writer_module, "_SYNC_FILE_RANGE", recording)
-    monkeypatch.setattr(writer_module, "COPY_STEP", 1 << 20)
-    big = torch.arange(3 << 18, dtype=torch.float32)  # 3 MiB
-    save_file({"src": big}, tmp_path / "src.safetensors")
-    source = read_header(tmp_path / "src.safetensors")[0]["src"]
-    planned = [
-        PlannedTensor("small", "F32", (4,)),
-        PlannedTensor("a", "F32", (3 << 18,)),
-        PlannedTensor("b", "F32", (3 << 18,)),
-    ]
-    out = tmp_path / "out"
-    out.mkdir()
-    writer = ShardWriter(out, planned, 1 << 30)
-    writer.write("small", torch.ones(4))
-    writer.write("a", big[: 1 << 18], offset=0)  # 1 MiB
-    writer.write("a", big[1 << 18 :], offset=1 << 20)
-    writer.copy("b", source)
-    writer.finish()
-    header_and_small = read_header(out / "model.safetensors")[0]["a"].offset
-    a, b = header_and_small, header_and_small + (3 << 20)
-    assert calls == [
-        (a, 1 << 20),
-        (a + (1 << 20), 2 << 20),
-        (b, 1 << 20),
-        (b + (1 << 20), 1 << 20),
-        (b + (2 << 20), 1 << 20),
-    ]
-    loaded = load_file(out / "model.safetensors")
-    assert torch.equal(loaded["a"], big) and torch.equal(loaded["b"], big)
-
-    calls.clear()
-    monkeypatch.setenv("CONVERT_WRITEBACK", "0")
-    again = tmp_path / "again"
-    again.mkdir()
-    writer = ShardWriter(again, planned[1:2], 1 << 30)
-    writer.write("a", big)
-    writer.finish()
-    assert calls == []
-
-
 def write_raw(path, header: dict, data: bytes = b"", header_len: int | None = None) -> None:
     raw = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(raw) if header_len is None else header_len) + raw + data)
