@@ -50,9 +50,8 @@ def main() -> None:
     """Turn base model + adapter into one checkpoint, streamed, in bounded memory."""
     # As `convert merge` / `python -m convert.cli merge`: read what the process will import, and the base, into
     # the page cache while Python is still starting.
-    if readahead.enabled() and any(arg in HEAVY_COMMANDS for arg in sys.argv[1:2]):
-        startup.start()
-    readahead.start_for_command_line(sys.argv, getattr(sys, "orig_argv", []))
+    if any(arg in HEAVY_COMMANDS for arg in sys.argv[1:2]):
+        readahead.start_for_command_line(sys.argv, getattr(sys, "orig_argv", []), files=startup.profiled_files())
 
 
 def output_options(command):

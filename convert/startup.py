@@ -4,8 +4,8 @@ On a cold page cache a ``convert`` process spends seconds importing torch, start
 Triton, and nearly all of it is waiting for the disk: the loader faults in pages of a few large shared
 libraries and reads thousands of small ``.pyc`` files, one small random read at a time (about 0.7 GB in
 6.5 s on the GPU machine, where the disk streams 1.7 GB/s). Asking the kernel for those files up front
-(``posix_fadvise(WILLNEED)``: asynchronous, large reads) turns the random reads into sequential ones that run
-while the interpreter is still starting.
+(``convert.readahead.warm``, ``posix_fadvise(WILLNEED)``: asynchronous, large reads, from the early reader's
+child process) turns the random reads into sequential ones that run while the interpreter is still starting.
 
 Which files: a *start-up profile* that every finished ``convert`` command leaves behind (the shared
 libraries mapped and the module files loaded, in load order, then the earlier profile's other files; one per
@@ -24,10 +24,7 @@ import os
 import socket
 import sys
 import tempfile
-import threading
 from pathlib import Path
-
-from convert.readahead import each_file
 
 MAX_FILES = 20000
 
@@ -114,21 +111,3 @@ def profiled_files(path: Path | None = None) -> list[str]:
         return []
     lib = Path(next(iter(spec.submodule_search_locations))) / "lib"
     return [str(p) for p in sorted(lib.glob("*.so*"))]
-
-
-def warm(files: list[str]) -> None:
-    """Ask the kernel to read ``files`` into the page cache, in order; returns once every request is queued."""
-    if not hasattr(os, "posix_fadvise"):
-        return
-    for fd in each_file(files):
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass
-
-
-def start() -> threading.Thread:
-    """``warm`` the profiled files in a daemon thread."""
-    thread = threading.Thread(target=warm, args=(profiled_files(),), daemon=True, name="convert-startup")
-    thread.start()
-    return thread

@@ -78,7 +78,7 @@ def test_missing_shard_ends_the_read_ahead_quietly(tmp_path):
 @pytest.fixture
 def recorded_starts(monkeypatch):
     started: list[str] = []
-    monkeypatch.setattr(readahead, "start", lambda base, budget=None: started.append(base))
+    monkeypatch.setattr(readahead, "start", lambda base, budget=None, files=(): started.append(base))
     return started
 
 
@@ -110,3 +110,59 @@ def test_importing_the_package_or_the_cli_starts_nothing_and_imports_no_torch(mo
     importlib.reload(convert)  # under pytest: argv is pytest's
     assert recorded_starts == []
     assert convert.merge.__name__ == "merge"  # the public API is still the function
+
+
+CHILD = """
+import os, sys, time
+from convert import readahead
+marker = sys.argv[1]
+
+def work():
+    with open(marker, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(60)  # the parent leaves long before: the child must not outlive it
+
+readahead.in_background(work)
+for _ in range(500):
+    if os.path.exists(marker) and open(marker).read():
+        break
+    time.sleep(0.01)
+print(os.getpid())
+"""
+
+
+def test_early_reads_run_in_a_child_process_that_dies_with_its_parent(tmp_path):
+    """The early reads run in a forked child (a thread would wait for the interpreter's lock between reads while
+    the main thread imports), and that child never outlives the command."""
+    import subprocess
+    import time
+
+    marker = tmp_path / "child-pid"
+    done = subprocess.run([sys.executable, "-c", CHILD, str(marker)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    child = int(marker.read_text())
+    assert child != int(done.stdout.strip())  # another process did the work
+    for _ in range(200):  # killed by the parent-death signal once the parent exited (gone, or a zombie)
+        try:
+            state = open(f"/proc/{child}/stat").read().rpartition(")")[2].split()[0]
+        except FileNotFoundError:
+            break
+        if state == "Z":
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(child, 9)
+        raise AssertionError(f"the early reader {child} outlived its parent")
+
+
+def test_start_warms_the_files_then_reads_the_base(tmp_path, monkeypatch):
+    order = []
+    monkeypatch.setattr(readahead, "warm", lambda files: order.append(("warm", list(files))))
+    monkeypatch.setattr(readahead, "read_ahead", lambda shards, budget: order.append(("read", shards, budget)))
+    monkeypatch.setattr(readahead, "in_background", lambda work: work() or "started")
+    assert readahead.start(None, files=["a.so"]) == "started"  # no base: the start-up's files alone
+    shard_files(tmp_path, [10])
+    assert readahead.start(str(tmp_path), budget=5, files=["a.so"]) == "started"
+    assert order[0] == ("warm", ["a.so"]) and order[1][:2] == ("read", [])
+    assert order[2:] == [("warm", ["a.so"]), ("read", sorted(tmp_path.glob("*.safetensors")), 5)]
+    assert readahead.start(None) is None  # nothing to read

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from convert import startup
+from convert import readahead, startup
 from tests.helpers import subprocess_env
 
 
@@ -24,7 +24,7 @@ def test_the_profile_lists_what_was_loaded_and_warm_asks_for_each(tmp_path, monk
     assert len(files) == len(set(files))
     asked = []
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: asked.append((fd, offset, length)))
-    startup.warm([*files[:5], str(tmp_path / "gone.so")])  # a file removed since is skipped
+    readahead.warm([*files[:5], str(tmp_path / "gone.so")])  # a file removed since is skipped
     assert len(asked) == 5 and all(offset == 0 and length == 0 for _, offset, length in asked)
 
 

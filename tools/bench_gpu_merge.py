@@ -21,7 +21,8 @@ shown apart as well as summed:
     and imports triton (the start-up floor every torch tool pays on a cold cache),
   * `convert merge --device cuda`, for LoRA and DoRA on the bf16 base and on the NF4 base
     (dequantized as it is read; the output is bf16), and LoRA again with the early read-ahead
-    off (CONVERT_READAHEAD=0, convert/readahead.py),
+    off (CONVERT_READAHEAD=0, convert/readahead.py) or in a thread instead of a child process
+    (CONVERT_READAHEAD=thread),
   * `disk`: `cat` of the base, `dd` of as many bytes with an fsync, and both at once (whether the disk's
     reads and writes add up, the floor of a merge that overlaps them),
   * the reference (--reference): transformers `from_pretrained(device_map="cuda")` (then, for an
@@ -76,7 +77,7 @@ SHAPES |= {f"{k}-warmup": (h, 1, i, 256, heads, kv) for k, (h, _, i, _, heads, k
 RANK, ALPHA = 16, 32
 PROJS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 NF4 = bnb.QuantSpec("nf4", blocksize=64, double_quant=True, quant_storage="uint8")  # the CLI's --quantize nf4
-RUNS = ("cp", "disk", "startup", "lora", "dora", "nf4-lora", "nf4-dora", "lora-no-readahead",
+RUNS = ("cp", "disk", "startup", "lora", "dora", "nf4-lora", "nf4-dora", "lora-no-readahead", "lora-readahead-thread",
         "quantize-nf4", "quantize-fp4", "quantize-int8", "lora-quantize-nf4", "loftq")
 REFERENCES = {
     "both": {"lora", "dora"},
@@ -543,6 +544,8 @@ def merge_runs(base: Path, base_nf4: Path, lora: Path, dora: Path) -> list[Run]:
         Run("nf4-lora", "NF4 LoRA", base_nf4, lora, REFERENCE_NF4),
         Run("nf4-dora", "NF4 DoRA", base_nf4, dora, REFERENCE_NF4),
         Run("lora-no-readahead", "LoRA no read-ahead", base, lora, REFERENCE, (("CONVERT_READAHEAD", "0"),)),
+        Run("lora-readahead-thread", "LoRA read-ahead in a thread", base, lora, REFERENCE,
+            (("CONVERT_READAHEAD", "thread"),)),  # fmt: skip
         *[Run(f"quantize-{m}", f"quantize {m}", base, None, None, args=("--quantize", m), command="quantize",
               quantized=m) for m in ("nf4", "fp4", "int8")],  # fmt: skip
         Run("lora-quantize-nf4", "LoRA --quantize nf4", base, lora, None, args=("--quantize", "nf4"), quantized="nf4"),
@@ -654,10 +657,12 @@ def summary(rounds: list[dict[str, float]], report: Report) -> None:
         if lora and dora:
             on = "the NF4 base" if prefix else "the bf16 base"
             report(f"- DoRA adds {100 * (dora / lora - 1):+.0f}% to the LoRA merge's wall time on {on}")
-    lora, without = walls.get("convert_LoRA_s"), walls.get("convert_LoRA_no_read-ahead_s")
-    if lora and without:
-        change = f"{100 * (lora / without - 1):+.0f}%"
-        report(f"- early read-ahead: LoRA {lora:.1f} s with it, {without:.1f} s without ({change})")
+    lora = walls.get("convert_LoRA_s")
+    variants = {"without": "convert_LoRA_no_read-ahead_s", "in a thread": "convert_LoRA_read-ahead_in_a_thread_s"}
+    for how, key in variants.items():
+        if lora and walls.get(key):
+            change = f"{100 * (lora / walls[key] - 1):+.0f}%"
+            report(f"- early read-ahead: LoRA {lora:.1f} s in a child process, {walls[key]:.1f} s {how} ({change})")
     sixteen = walls.get("convert_LoRA_s")
     for label in ("quantize_nf4", "quantize_fp4", "quantize_int8", "LoRA_--quantize_nf4"):
         if sixteen and walls.get(f"convert_{label}_s"):
